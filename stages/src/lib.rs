@@ -1,0 +1,13 @@
+//! fgflow's stage kinds. burn lives only in this crate. `registry()` is the one place
+//! kinds are registered; adding a kind touches its own module and one line here.
+
+pub mod kinds;
+
+use fgflow_engine::Registry;
+
+/// Every stage kind the shipped binary knows.
+pub fn registry() -> Registry {
+    let mut r = Registry::new();
+    kinds::register_all(&mut r);
+    r
+}
