@@ -2,6 +2,7 @@
 //! kinds are registered; adding a kind touches its own module and one line here.
 
 pub mod kinds;
+pub mod types;
 
 use fgflow_engine::Registry;
 

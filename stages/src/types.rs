@@ -1,0 +1,21 @@
+//! The artifact types that flow between the shipped stage kinds. The engine checks
+//! that every input is connected to an output of the same type.
+
+use fgflow_engine::ArtifactType;
+
+/// Images with (possibly noisy) labels and the class list: `images.safetensors` + `classes.json`.
+pub const LABELLED_SET: ArtifactType = ArtifactType("labelled_set");
+/// Unlabelled images (test A, test B): `images.safetensors` + `classes.json`.
+pub const IMAGE_SET: ArtifactType = ArtifactType("image_set");
+/// Hidden truth only evaluation stages read: true test labels, clean training labels, noise flags.
+pub const GROUND_TRUTH: ArtifactType = ArtifactType("ground_truth");
+/// Trained weights (safetensors) with the model config beside them.
+pub const MODEL: ArtifactType = ArtifactType("model");
+/// Several checkpoints of one run (for soups).
+pub const CHECKPOINTS: ArtifactType = ArtifactType("checkpoints");
+/// Probability and logit matrices over an image set.
+pub const PREDICTIONS: ArtifactType = ArtifactType("predictions");
+/// Metrics JSON (accuracy, per-class, head/middle/tail).
+pub const METRICS: ArtifactType = ArtifactType("metrics");
+/// A free-form report (training log, tables).
+pub const REPORT: ArtifactType = ArtifactType("report");
