@@ -157,6 +157,10 @@ pub trait StageKind: Send + Sync + 'static {
     fn backend_sensitive(&self) -> bool {
         false
     }
+    /// Environment variables whose values are part of the key (the `command` kind's `env`).
+    fn env(&self, _params: &Params) -> Vec<String> {
+        Vec::new()
+    }
     /// Checks across fields, after each field was type-checked: `(field, message)` pairs.
     fn validate(&self, _params: &Params) -> Vec<(String, String)> {
         Vec::new()

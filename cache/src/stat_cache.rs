@@ -1,0 +1,173 @@
+//! `StatCache`: remembers the digest of each source file under its (size, mtime,
+//! ctime, inode), like git's index, so an unchanged dataset of 10^5 files costs a
+//! `stat` per file, not a re-hash. Any doubt (a changed field, or an mtime too close
+//! to the moment it was recorded to rule out a same-tick rewrite) means re-hashing.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::store::{CacheError, Result, io_err};
+
+/// An mtime within this window of the recording time is "racy": the file could have
+/// been rewritten within the same timestamp tick after we hashed it.
+const RACY_NS: i128 = 2_000_000_000;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Stat {
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    ino: u64,
+    dev: u64,
+}
+
+impl Stat {
+    fn of(meta: &fs::Metadata) -> Stat {
+        Stat {
+            size: meta.size(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            ctime_ns: meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128,
+            ino: meta.ino(),
+            dev: meta.dev(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    stat: Stat,
+    recorded_ns: i128,
+    digest: Digest,
+}
+
+/// What hashing a source cost: files whose digest came from the cache vs were read.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HashCounts {
+    pub cached: u64,
+    pub hashed: u64,
+    pub bytes_hashed: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct StatCache {
+    path: Option<PathBuf>,
+    records: BTreeMap<String, Record>,
+    dirty: bool,
+    pub counts: HashCounts,
+}
+
+fn now_ns() -> i128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
+}
+
+impl StatCache {
+    /// Load from `path`; a missing or unreadable file is an empty cache (it is only a cache).
+    pub fn load(path: impl Into<PathBuf>) -> StatCache {
+        let path = path.into();
+        let records = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        StatCache { path: Some(path), records, dirty: false, counts: HashCounts::default() }
+    }
+
+    /// Write back if anything changed (temp file + rename).
+    pub fn save(&mut self) -> Result<()> {
+        let Some(path) = &self.path else { return Ok(()) };
+        if !self.dirty {
+            return Ok(());
+        }
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let bytes = serde_json::to_vec(&self.records).map_err(|source| CacheError::Json { path: path.clone(), source })?;
+        fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, path).map_err(io_err(path))?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Digest of one file's content.
+    pub fn file_digest(&mut self, path: &Path) -> Result<Digest> {
+        let meta = fs::metadata(path).map_err(io_err(path))?;
+        let stat = Stat::of(&meta);
+        let key = path.to_string_lossy().into_owned();
+        if let Some(r) = self.records.get(&key) {
+            if r.stat == stat && r.recorded_ns - stat.mtime_ns > RACY_NS {
+                self.counts.cached += 1;
+                return Ok(r.digest);
+            }
+        }
+        let digest = Digest::of_file(path).map_err(io_err(path))?;
+        self.counts.hashed += 1;
+        self.counts.bytes_hashed += stat.size;
+        self.records.insert(key, Record { stat, recorded_ns: now_ns(), digest });
+        self.dirty = true;
+        Ok(digest)
+    }
+
+    /// Digest of a file, or of a directory's listing (relative path + content digest of
+    /// every file, sorted). Only content and relative names count, never the location.
+    pub fn path_digest(&mut self, path: &Path) -> Result<Digest> {
+        let meta = fs::metadata(path).map_err(io_err(path))?;
+        if meta.is_file() {
+            return self.file_digest(path);
+        }
+        let mut listing = Vec::new();
+        for entry in walkdir::WalkDir::new(path).sort_by_file_name() {
+            let entry = entry.map_err(|e| CacheError::Io { path: path.to_path_buf(), source: e.into() })?;
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let rel = entry.path().strip_prefix(path).expect("walkdir yields paths under its root");
+            let d = self.file_digest(entry.path())?;
+            listing.extend_from_slice(rel.to_string_lossy().as_bytes());
+            listing.push(0);
+            listing.extend_from_slice(&d.0);
+        }
+        Ok(Digest::of_bytes(&listing))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unchanged_files_are_not_rehashed_and_touched_ones_are_rehashed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("data.bin");
+        fs::write(&f, b"hello").unwrap();
+        // Age the file so it is not racy.
+        let old = SystemTime::now() - std::time::Duration::from_secs(60);
+        fs::File::options().write(true).open(&f).unwrap().set_modified(old).unwrap();
+        let cache_path = dir.path().join("stat.json");
+        let mut c = StatCache::load(&cache_path);
+        let d1 = c.file_digest(&f).unwrap();
+        c.save().unwrap();
+        let mut c = StatCache::load(&cache_path);
+        assert_eq!(c.file_digest(&f).unwrap(), d1);
+        assert_eq!(c.counts, HashCounts { cached: 1, hashed: 0, bytes_hashed: 0 });
+        // A touch changes the stat: one re-hash, same digest.
+        fs::File::options().write(true).open(&f).unwrap().set_modified(old + std::time::Duration::from_secs(1)).unwrap();
+        assert_eq!(c.file_digest(&f).unwrap(), d1);
+        assert_eq!(c.counts.hashed, 1);
+        // A content change with the same size is caught by mtime/ctime.
+        fs::write(&f, b"jello").unwrap();
+        assert_ne!(c.file_digest(&f).unwrap(), d1);
+    }
+
+    #[test]
+    fn directory_digest_ignores_location_but_not_names() {
+        let dir = tempfile::tempdir().unwrap();
+        for root in ["a", "b"] {
+            fs::create_dir_all(dir.path().join(root).join("x")).unwrap();
+            fs::write(dir.path().join(root).join("x/1.png"), b"p").unwrap();
+        }
+        let mut c = StatCache::default();
+        assert_eq!(c.path_digest(&dir.path().join("a")).unwrap(), c.path_digest(&dir.path().join("b")).unwrap());
+        fs::rename(dir.path().join("b/x/1.png"), dir.path().join("b/x/2.png")).unwrap();
+        assert_ne!(c.path_digest(&dir.path().join("a")).unwrap(), c.path_digest(&dir.path().join("b")).unwrap());
+    }
+}

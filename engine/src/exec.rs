@@ -1,0 +1,245 @@
+//! The local executor: runs the stale stages of a pipeline in dependency order, up to
+//! `jobs` at a time, never two non-`Light` stages at once. Reuses any key that has an
+//! entry (including entries another process just wrote), stops a wave when a re-run
+//! stage reproduces its previous outputs (dependents then find their keys unchanged),
+//! keeps going past failures unless `fail_fast`, and records refs at the end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use fgflow_cache::{CacheError, Digest, Store};
+use serde::Serialize;
+
+use crate::fingerprint::Recorded;
+use crate::job::Job;
+use crate::kind::{ProgressSink, Resources};
+use crate::pipeline::Pipeline;
+use crate::plan::{self, Reason, Sources};
+use crate::registry::Registry;
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub jobs: usize,
+    pub fail_fast: bool,
+    pub backend: String,
+}
+
+/// What the executor reports while it works. The console printer, the JSON report
+/// and the tests are all observers.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Started { stage: String, key: Digest, reasons: Vec<Reason> },
+    Reused { stage: String, key: Digest, by_other_process: bool },
+    Ran { stage: String, key: Digest, duration: Duration, outputs_unchanged: bool },
+    Failed { stage: String, key: Option<Digest>, error: String, log: String },
+    Skipped { stage: String, because: String },
+}
+
+pub trait Observer: ProgressSink {
+    fn event(&self, event: &Event);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ran,
+    Reused,
+    Failed,
+    Skipped,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StageResult {
+    pub name: String,
+    pub status: Outcome,
+    pub key: Option<Digest>,
+    pub reasons: Vec<Reason>,
+    /// For `ran`: its outputs are byte-identical to the previous run's (early cutoff).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub outputs_unchanged: bool,
+    pub duration_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+enum State {
+    Waiting,
+    Running,
+    Done(BTreeMap<String, Digest>),
+    Failed,
+    Skipped,
+}
+
+struct Shared {
+    states: Vec<State>,
+    results: Vec<Option<StageResult>>,
+    stop: bool,
+}
+
+/// Run a pipeline. Holds the cache lock shared for the duration.
+pub fn run(p: &Pipeline, store: &Store, registry: &Registry, sources: &Sources, opts: &RunOptions, obs: &dyn Observer) -> Result<Vec<StageResult>, CacheError> {
+    let _lock = store.lock_shared()?;
+    let mut refs = plan::load_refs(store, &p.file)?;
+    let n = p.stages.len();
+    let shared = Mutex::new(Shared { states: (0..n).map(|_| State::Waiting).collect(), results: (0..n).map(|_| None).collect(), stop: false });
+    let wake = Condvar::new();
+    let heavy = Mutex::new(());
+    let upstream: Vec<Vec<usize>> = p.stages.iter().map(|s| s.upstream().iter().filter_map(|u| p.position(u)).collect()).collect();
+    let refs_before = refs.stages.clone();
+    let empty = BTreeMap::new();
+
+    let worker = || loop {
+        // Pick the first waiting stage whose upstream is done; settle the ones that can never run.
+        let (i, upstream_outputs) = {
+            let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                let mut picked = None;
+                let mut any_running = false;
+                for i in 0..n {
+                    match g.states[i] {
+                        State::Running => any_running = true,
+                        State::Waiting => {
+                            let blocked = upstream[i].iter().find(|&&u| matches!(g.states[u], State::Failed | State::Skipped));
+                            if let Some(&u) = blocked {
+                                let because = format!("upstream `{}` did not complete", p.stages[u].name);
+                                settle(&mut g, i, &p.stages[i].name, Outcome::Skipped, because, obs);
+                                continue;
+                            }
+                            if g.stop {
+                                settle(&mut g, i, &p.stages[i].name, Outcome::Skipped, "--fail-fast: an earlier stage failed".into(), obs);
+                                continue;
+                            }
+                            if picked.is_none() && upstream[i].iter().all(|&u| matches!(g.states[u], State::Done(_))) {
+                                picked = Some(i);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(i) = picked {
+                    g.states[i] = State::Running;
+                    let outs: HashMap<String, BTreeMap<String, Digest>> = upstream[i]
+                        .iter()
+                        .filter_map(|&u| if let State::Done(o) = &g.states[u] { Some((p.stages[u].name.clone(), o.clone())) } else { None })
+                        .collect();
+                    break (i, outs);
+                }
+                if !any_running && g.states.iter().all(|s| !matches!(s, State::Waiting)) {
+                    wake.notify_all();
+                    return;
+                }
+                if !any_running && !g.states.iter().any(|s| matches!(s, State::Waiting)) {
+                    return;
+                }
+                g = wake.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let stage = &p.stages[i];
+        let (fp, origins, _) = plan::fingerprint(stage, sources.get(&stage.name).unwrap_or(&empty), &upstream_outputs, &opts.backend);
+        let key = fp.key();
+        let stage_sources = sources.get(&stage.name).unwrap_or(&empty);
+        let outcome = execute_one(store, registry, p, i, key, fp, stage_sources, origins, refs_before.get(&stage.name), opts, obs, &heavy);
+        let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
+        match outcome {
+            Ok((result, outputs)) => {
+                g.states[i] = State::Done(outputs);
+                g.results[i] = Some(result);
+            }
+            Err(result) => {
+                g.states[i] = State::Failed;
+                g.results[i] = Some(result);
+                if opts.fail_fast {
+                    g.stop = true;
+                }
+            }
+        }
+        wake.notify_all();
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..opts.jobs.max(1) {
+            scope.spawn(worker);
+        }
+    });
+    let g = shared.into_inner().unwrap_or_else(|e| e.into_inner());
+    let results: Vec<StageResult> = g.results.into_iter().flatten().collect();
+    for r in &results {
+        if let (Outcome::Ran | Outcome::Reused, Some(k)) = (r.status, r.key) {
+            refs.stages.insert(r.name.clone(), k);
+        }
+    }
+    refs.stages.retain(|name, _| p.stage(name).is_some());
+    plan::save_refs(store, &p.file, &refs)?;
+    Ok(results)
+}
+
+fn settle(g: &mut Shared, i: usize, name: &str, status: Outcome, because: String, obs: &dyn Observer) {
+    g.states[i] = State::Skipped;
+    obs.event(&Event::Skipped { stage: name.to_string(), because: because.clone() });
+    g.results[i] = Some(StageResult { name: name.to_string(), status, key: None, reasons: vec![], outputs_unchanged: false, duration_ms: 0, error: Some(because) });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn execute_one(
+    store: &Store,
+    registry: &Registry,
+    p: &Pipeline,
+    i: usize,
+    key: Digest,
+    fp: crate::fingerprint::Fingerprint,
+    stage_sources: &BTreeMap<String, Vec<crate::plan::Source>>,
+    origins: BTreeMap<String, Vec<String>>,
+    last_key: Option<&Digest>,
+    opts: &RunOptions,
+    obs: &dyn Observer,
+    heavy: &Mutex<()>,
+) -> Result<(StageResult, BTreeMap<String, Digest>), StageResult> {
+    let stage = &p.stages[i];
+    let name = stage.name.clone();
+    let failed = |error: String, log: String| {
+        obs.event(&Event::Failed { stage: name.clone(), key: Some(key), error: error.clone(), log });
+        StageResult { name: name.clone(), status: Outcome::Failed, key: Some(key), reasons: vec![], outputs_unchanged: false, duration_ms: 0, error: Some(error) }
+    };
+    let reused = |by_other_process: bool, outputs: BTreeMap<String, Digest>| {
+        obs.event(&Event::Reused { stage: name.clone(), key, by_other_process });
+        (StageResult { name: name.clone(), status: Outcome::Reused, key: Some(key), reasons: vec![], outputs_unchanged: false, duration_ms: 0, error: None }, outputs)
+    };
+    match store.get_entry(&key) {
+        Ok(Some(e)) => return Ok(reused(false, e.outputs)),
+        Ok(None) => {}
+        Err(e) => return Err(failed(e.to_string(), String::new())),
+    }
+    // Another process may be running this key: wait for it, then reuse its result.
+    let _key_lock = store.lock_key(&key).map_err(|e| failed(e.to_string(), String::new()))?;
+    if let Ok(Some(e)) = store.get_entry(&key) {
+        return Ok(reused(true, e.outputs));
+    }
+    let previous = last_key.and_then(|k| store.get_entry(k).ok().flatten()).map(|e| (e.key, e));
+    let prev_recorded = previous.as_ref().and_then(|(k, e)| serde_json::from_value::<Recorded>(e.fingerprint.clone()).ok().map(|r| (*k, r)));
+    let reasons = plan::stale_reasons(&prev_recorded, &fp, &origins, key, last_key);
+    let _heavy = (stage.resources != Resources::Light).then(|| heavy.lock().unwrap_or_else(|e| e.into_inner()));
+    obs.event(&Event::Started { stage: name.clone(), key, reasons: reasons.clone() });
+    let job = Job {
+        key,
+        stage: name.clone(),
+        kind: stage.kind.name().to_string(),
+        params: stage.params.clone(),
+        backend: opts.backend.clone(),
+        sources: stage_sources.clone(),
+        recorded: Recorded { fingerprint: fp, origins },
+    };
+    if let Err(e) = job.save(store) {
+        return Err(failed(e.to_string(), String::new()));
+    }
+    let started = Instant::now();
+    match job.execute(store, registry, obs) {
+        Ok(entry) => {
+            let duration = started.elapsed();
+            let outputs_unchanged = previous.as_ref().is_some_and(|(_, e)| e.outputs == entry.outputs);
+            obs.event(&Event::Ran { stage: name.clone(), key, duration, outputs_unchanged });
+            Ok((StageResult { name, status: Outcome::Ran, key: Some(key), reasons, outputs_unchanged, duration_ms: duration.as_millis() as u64, error: None }, entry.outputs))
+        }
+        Err(e) => Err(failed(e.message, e.log)),
+    }
+}
+

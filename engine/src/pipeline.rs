@@ -1,0 +1,401 @@
+//! `Pipeline`: a pipeline file checked against the registry. Parameters are
+//! type-checked and canonicalised, every input reference resolved and type-checked,
+//! and the stages put in a petgraph DAG in topological order. Every problem in the
+//! file is collected into one `SpecErrors`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use miette::NamedSource;
+use petgraph::algo::{tarjan_scc, toposort};
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use crate::diagnostic::{Locator, SpecError, SpecErrors, offset_of};
+use crate::kind::{ParamType, PortSpec, Resources, StageKind};
+use crate::registry::Registry;
+use crate::spec::{self, InputDecl};
+use crate::value::{Params, Value};
+
+/// A reference to another stage's output.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OutputRef {
+    pub stage: String,
+    pub output: String,
+}
+
+impl std::fmt::Display for OutputRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.stage, self.output)
+    }
+}
+
+/// One checked stage.
+pub struct Stage {
+    pub name: String,
+    pub kind: Arc<dyn StageKind>,
+    /// Every parameter, defaults filled in, canonical.
+    pub params: Params,
+    /// Port -> the outputs feeding it, in file order.
+    pub inputs: BTreeMap<String, Vec<OutputRef>>,
+    pub outputs: Vec<PortSpec>,
+    pub resources: Resources,
+    /// `Path` parameters: param -> paths as written (relative to the pipeline file).
+    pub paths: BTreeMap<String, Vec<String>>,
+    /// Environment variables whose values are part of the key.
+    pub env: Vec<String>,
+}
+
+impl Stage {
+    /// Stages this one reads from (deduplicated, sorted).
+    pub fn upstream(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.inputs.values().flatten().map(|r| r.stage.as_str()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+pub struct Pipeline {
+    /// The file as given on the command line.
+    pub file: PathBuf,
+    /// Directory against which `Path` parameters resolve.
+    pub dir: PathBuf,
+    pub source: Arc<String>,
+    pub backend: Option<String>,
+    /// Stages in topological order (ties keep file order).
+    pub stages: Vec<Stage>,
+    pub graph: DiGraph<String, OutputRef>,
+    index: HashMap<String, usize>,
+}
+
+impl Pipeline {
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.index.get(name).map(|&i| &self.stages[i])
+    }
+
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// Stages that read from `name`, directly.
+    pub fn downstream(&self, name: &str) -> Vec<&str> {
+        self.stages.iter().filter(|s| s.upstream().contains(&name)).map(|s| s.name.as_str()).collect()
+    }
+
+    /// Load and check a pipeline file.
+    pub fn load(file: &Path, registry: &Registry) -> Result<Pipeline, LoadError> {
+        let src = std::fs::read_to_string(file).map_err(|e| LoadError::Io { path: file.to_path_buf(), source: e })?;
+        Self::from_source(file, src, registry).map_err(LoadError::Spec)
+    }
+
+    pub fn from_source(file: &Path, src: String, registry: &Registry) -> Result<Pipeline, Box<SpecErrors>> {
+        let name = file.display().to_string();
+        let mk = |errors: Vec<SpecError>, src: &String| {
+            Box::new(SpecErrors { file: name.clone(), source_code: NamedSource::new(&name, src.clone()), errors })
+        };
+        let parsed = match spec::parse(&src) {
+            Ok(p) => p,
+            Err((message, line, col)) => {
+                let off = offset_of(&src, line, col);
+                let err = SpecError {
+                    message: format!("invalid RON: {message}"),
+                    span: (off, 1).into(),
+                    label: "here".into(),
+                    help: Some("a pipeline is `( stages: { \"name\": (kind: \"...\", params: {...}, inputs: {...}) } )`".into()),
+                };
+                return Err(mk(vec![err], &src));
+            }
+        };
+        let loc = Locator::new(&src, parsed.stages.0.iter().map(|(n, _)| n.clone()));
+        let mut errors = Vec::new();
+        let mut err = |span: miette::SourceSpan, message: String, label: &str, help: Option<String>| {
+            errors.push(SpecError { message, span, label: label.into(), help });
+        };
+
+        // Pass 1: kinds and parameters, stage by stage.
+        let mut seen = HashMap::new();
+        let mut checked: Vec<(String, Option<Arc<dyn StageKind>>, Params, BTreeMap<String, Vec<String>>)> = Vec::new();
+        for (sname, decl) in &parsed.stages.0 {
+            if seen.insert(sname.clone(), ()).is_some() {
+                err(loc.stage(sname), format!("stage `{sname}` is defined twice"), "second definition", Some("stage names must be unique".into()));
+                continue;
+            }
+            if sname.contains('.') || sname.is_empty() {
+                err(loc.stage(sname), format!("stage name `{sname}` must be non-empty and contain no `.`"), "bad name", None);
+            }
+            let Some(kind) = registry.get(&decl.kind) else {
+                err(
+                    loc.field(sname, "kind", None),
+                    format!("stage `{sname}`: unknown kind `{}`", decl.kind),
+                    "unknown kind",
+                    Some(format!("known kinds: {}", registry.names().join(", "))),
+                );
+                checked.push((sname.clone(), None, Params::default(), BTreeMap::new()));
+                continue;
+            };
+            let specs = kind.params();
+            let mut params = BTreeMap::new();
+            let mut paths = BTreeMap::new();
+            for (pname, raw) in &decl.params {
+                let Some(ps) = specs.iter().find(|p| p.name == pname) else {
+                    let known: Vec<&str> = specs.iter().map(|p| p.name).collect();
+                    err(
+                        loc.field(sname, "params", Some(pname)),
+                        format!("stage `{sname}`: unknown parameter `{pname}` for kind `{}`", decl.kind),
+                        "unknown parameter",
+                        Some(if known.is_empty() { "this kind takes no parameters".into() } else { format!("parameters of `{}`: {}", decl.kind, known.join(", ")) }),
+                    );
+                    continue;
+                };
+                match convert(raw, &ps.ty) {
+                    Ok(v) => {
+                        if let Some(list) = path_strings(&v, &ps.ty) {
+                            paths.insert(pname.clone(), list);
+                        }
+                        params.insert(pname.clone(), v);
+                    }
+                    Err(msg) => err(
+                        loc.field(sname, "params", Some(pname)),
+                        format!("stage `{sname}`: parameter `{pname}`: expected {}, {msg}", ps.ty),
+                        "wrong type",
+                        (!ps.doc.is_empty()).then(|| format!("`{pname}`: {}", ps.doc)),
+                    ),
+                }
+            }
+            for ps in &specs {
+                if params.contains_key(ps.name) || decl.params.contains_key(ps.name) {
+                    continue;
+                }
+                match &ps.default {
+                    Some(d) => {
+                        params.insert(ps.name.to_string(), d.clone());
+                    }
+                    None => err(
+                        loc.stage(sname),
+                        format!("stage `{sname}`: missing required parameter `{}` ({})", ps.name, ps.ty),
+                        "in this stage",
+                        (!ps.doc.is_empty()).then(|| format!("`{}`: {}", ps.name, ps.doc)),
+                    ),
+                }
+            }
+            let params = Params(params);
+            if specs.iter().all(|ps| params.0.contains_key(ps.name)) {
+                for (field, msg) in kind.validate(&params) {
+                    err(loc.field(sname, "params", Some(&field)), format!("stage `{sname}`: parameter `{field}`: {msg}"), "invalid value", None);
+                }
+            }
+            checked.push((sname.clone(), Some(kind.clone()), params, paths));
+        }
+
+        // Pass 2: inputs, now that every stage's outputs are known.
+        let outputs_of: HashMap<String, Vec<PortSpec>> = checked
+            .iter()
+            .filter_map(|(n, k, p, _)| k.as_ref().map(|k| (n.clone(), k.outputs(p))))
+            .collect();
+        let mut stages = Vec::new();
+        for ((sname, kind, params, paths), (_, decl)) in checked.into_iter().zip(parsed.stages.0.iter().filter({
+            let mut once = HashMap::new();
+            move |(n, _)| once.insert(n.clone(), ()).is_none()
+        })) {
+            let Some(kind) = kind else { continue };
+            let ports = kind.inputs();
+            let mut inputs = BTreeMap::new();
+            for (port, decl_in) in &decl.inputs {
+                let Some(ps) = ports.iter().find(|p| &p.name == port) else {
+                    let known: Vec<&str> = ports.iter().map(|p| p.name.as_str()).collect();
+                    err(
+                        loc.field(&sname, "inputs", Some(port)),
+                        format!("stage `{sname}`: unknown input `{port}` for kind `{}`", decl.kind),
+                        "unknown input",
+                        Some(if known.is_empty() { "this kind takes no inputs".into() } else { format!("inputs of `{}`: {}", decl.kind, known.join(", ")) }),
+                    );
+                    continue;
+                };
+                if let (InputDecl::Many(_), false) = (decl_in, ps.many) {
+                    err(loc.field(&sname, "inputs", Some(port)), format!("stage `{sname}`: input `{port}` takes one artifact, not a list"), "a list", None);
+                    continue;
+                }
+                let mut refs = Vec::new();
+                for r in decl_in.refs() {
+                    let span = loc.field(&sname, "inputs", Some(port));
+                    let Some((up, out)) = spec::split_ref(r) else {
+                        err(span, format!("stage `{sname}`: input `{port}`: `{r}` is not of the form \"stage.output\""), "bad reference", None);
+                        continue;
+                    };
+                    let Some(up_outputs) = outputs_of.get(up) else {
+                        if seen.contains_key(up) {
+                            continue; // its own error (e.g. unknown kind) was reported
+                        }
+                        err(span, format!("stage `{sname}`: input `{port}` refers to a missing stage `{up}`"), "no such stage", Some(format!("stages: {}", seen.keys().cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", "))));
+                        continue;
+                    };
+                    let Some(op) = up_outputs.iter().find(|o| o.name == out) else {
+                        err(
+                            span,
+                            format!("stage `{sname}`: input `{port}`: stage `{up}` has no output `{out}`"),
+                            "no such output",
+                            Some(format!("outputs of `{up}`: {}", up_outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>().join(", "))),
+                        );
+                        continue;
+                    };
+                    if !ps.ty.accepts(op.ty) {
+                        err(span, format!("stage `{sname}`: input `{port}` expects `{}` but `{r}` is `{}`", ps.ty, op.ty), "type mismatch", None);
+                        continue;
+                    }
+                    refs.push(OutputRef { stage: up.to_string(), output: out.to_string() });
+                }
+                inputs.insert(port.clone(), refs);
+            }
+            for ps in &ports {
+                if !ps.optional && !decl.inputs.contains_key(&ps.name) {
+                    err(loc.stage(&sname), format!("stage `{sname}`: missing input `{}` ({})", ps.name, ps.ty), "in this stage", (!ps.doc.is_empty()).then(|| ps.doc.to_string()));
+                }
+            }
+            let outputs = kind.outputs(&params);
+            let resources = decl.resources.unwrap_or_else(|| kind.resources(&params));
+            let env = kind.env(&params);
+            stages.push(Stage { name: sname, kind, params, inputs, outputs, resources, paths, env });
+        }
+
+        // Pass 3: the graph. Cycles are reported with their path.
+        let mut graph = DiGraph::new();
+        let nodes: HashMap<String, NodeIndex> = stages.iter().map(|s| (s.name.clone(), graph.add_node(s.name.clone()))).collect();
+        for s in &stages {
+            for r in s.inputs.values().flatten() {
+                if let Some(&from) = nodes.get(&r.stage) {
+                    graph.add_edge(from, nodes[&s.name], r.clone());
+                }
+            }
+        }
+        let order = match toposort(&graph, None) {
+            Ok(order) => order,
+            Err(_) => {
+                for scc in tarjan_scc(&graph) {
+                    let cyclic = scc.len() > 1 || graph.contains_edge(scc[0], scc[0]);
+                    if cyclic {
+                        let cycle = cycle_path(&graph, &scc);
+                        err(loc.stage(&cycle[0]), format!("the stages form a cycle: {}", cycle.join(" -> ")), "part of a cycle", Some("a pipeline must be a DAG: remove one of these inputs".into()));
+                    }
+                }
+                Vec::new()
+            }
+        };
+        if !errors.is_empty() {
+            return Err(mk(errors, &src));
+        }
+        // Stable topological order: toposort over nodes added in file order.
+        let mut by_name: HashMap<String, Stage> = stages.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let stages: Vec<Stage> = order.iter().filter_map(|n| by_name.remove(&graph[*n])).collect();
+        let index = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        Ok(Pipeline { file: file.to_path_buf(), dir, source: Arc::new(src), backend: parsed.backend, stages, graph, index })
+    }
+}
+
+/// A concrete cycle through a strongly connected component, ending where it starts.
+fn cycle_path(graph: &DiGraph<String, OutputRef>, scc: &[NodeIndex]) -> Vec<String> {
+    let start = *scc.iter().min_by_key(|n| n.index()).expect("an SCC is never empty");
+    let mut path = vec![start];
+    let mut cur = start;
+    loop {
+        let next = graph.neighbors(cur).filter(|n| scc.contains(n)).min_by_key(|n| n.index()).expect("every node of an SCC has a successor inside it");
+        if let Some(i) = path.iter().position(|&p| p == next) {
+            let mut cyc: Vec<String> = path[i..].iter().map(|n| graph[*n].clone()).collect();
+            cyc.push(graph[next].clone());
+            return cyc;
+        }
+        path.push(next);
+        cur = next;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read pipeline file {}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Spec(Box<SpecErrors>),
+}
+
+/// Type-check and canonicalise one RON value.
+fn convert(v: &ron::Value, ty: &ParamType) -> Result<Value, String> {
+    use ron::Value as R;
+    let found = |v: &R| -> String {
+        match v {
+            R::Bool(b) => format!("found `{b}`"),
+            R::Number(n) => format!("found `{}`", number_text(n)),
+            R::String(s) => format!("found \"{s}\""),
+            R::Seq(_) => "found a list".into(),
+            R::Map(_) => "found a map".into(),
+            R::Unit => "found `()`".into(),
+            R::Option(_) => "found an option".into(),
+            R::Char(c) => format!("found '{c}'"),
+            R::Bytes(_) => "found bytes".into(),
+        }
+    };
+    match (ty, v) {
+        (ParamType::Bool, R::Bool(b)) => Ok(Value::Bool(*b)),
+        (ParamType::Int, R::Number(n)) => int_of(n).map(Value::Int).ok_or_else(|| found(v)),
+        (ParamType::Float, R::Number(n)) => {
+            let x = int_of(n).map(|i| i as f64).unwrap_or_else(|| n.into_f64());
+            if x.is_finite() { Ok(Value::Float(x)) } else { Err(format!("{} (must be finite)", found(v))) }
+        }
+        (ParamType::Str, R::String(s)) => Ok(Value::Str(s.clone())),
+        (ParamType::Enum(options), R::String(s)) => {
+            if options.contains(&s.as_str()) { Ok(Value::Str(s.clone())) } else { Err(found(v)) }
+        }
+        (ParamType::Path, R::String(s)) if !s.is_empty() => Ok(Value::Str(s.clone())),
+        (ParamType::List(t), R::Seq(items)) => {
+            let mut out = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                out.push(convert(item, t).map_err(|e| format!("element {i}: {e}"))?);
+            }
+            Ok(Value::List(out))
+        }
+        (ParamType::StrMap, R::Map(m)) => {
+            let mut out = BTreeMap::new();
+            for (k, val) in m.iter() {
+                match (k, val) {
+                    (R::String(k), R::String(s)) => {
+                        out.insert(k.clone(), Value::Str(s.clone()));
+                    }
+                    _ => return Err("found a map with non-string keys or values".into()),
+                }
+            }
+            Ok(Value::Map(out))
+        }
+        _ => Err(found(v)),
+    }
+}
+
+fn int_of(n: &ron::Number) -> Option<i64> {
+    use ron::Number as N;
+    match *n {
+        N::I8(x) => Some(x as i64),
+        N::I16(x) => Some(x as i64),
+        N::I32(x) => Some(x as i64),
+        N::I64(x) => Some(x),
+        N::U8(x) => Some(x as i64),
+        N::U16(x) => Some(x as i64),
+        N::U32(x) => Some(x as i64),
+        N::U64(x) => i64::try_from(x).ok(),
+        _ => None,
+    }
+}
+
+fn number_text(n: &ron::Number) -> String {
+    int_of(n).map(|i| i.to_string()).unwrap_or_else(|| n.into_f64().to_string())
+}
+
+/// The path strings of a `Path` or `List(Path)` parameter.
+fn path_strings(v: &Value, ty: &ParamType) -> Option<Vec<String>> {
+    match (ty, v) {
+        (ParamType::Path, Value::Str(s)) => Some(vec![s.clone()]),
+        (ParamType::List(ParamType::Path), Value::List(items)) => {
+            Some(items.iter().filter_map(|i| if let Value::Str(s) = i { Some(s.clone()) } else { None }).collect())
+        }
+        _ => None,
+    }
+}
