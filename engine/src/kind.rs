@@ -80,7 +80,8 @@ impl ParamSpec {
     }
 }
 
-/// One declared input or output port.
+/// One declared input or output port. An input port named `*` accepts inputs under
+/// any name (each one a list).
 #[derive(Debug, Clone)]
 pub struct PortSpec {
     pub name: String,
@@ -238,6 +239,11 @@ impl<'a> RunContext<'a> {
     /// (empty when an optional input is not connected).
     pub fn inputs(&self, name: &str) -> &[PathBuf] {
         self.inputs.get(name).map(|v| v.as_slice()).unwrap_or(&[])
+    }
+
+    /// Names of the connected input ports.
+    pub fn input_names(&self) -> Vec<String> {
+        self.inputs.keys().cloned().collect()
     }
 
     pub fn has_input(&self, name: &str) -> bool {

@@ -202,7 +202,8 @@ impl Pipeline {
             let ports = kind.inputs();
             let mut inputs = BTreeMap::new();
             for (port, decl_in) in &decl.inputs {
-                let Some(ps) = ports.iter().find(|p| &p.name == port) else {
+                // A `*` port accepts inputs under any name (the `command` kind's).
+                let Some(ps) = ports.iter().find(|p| &p.name == port).or_else(|| ports.iter().find(|p| p.name == "*")) else {
                     let known: Vec<&str> = ports.iter().map(|p| p.name.as_str()).collect();
                     err(
                         loc.field(&sname, "inputs", Some(port)),
@@ -248,7 +249,7 @@ impl Pipeline {
                 inputs.insert(port.clone(), refs);
             }
             for ps in &ports {
-                if !ps.optional && !decl.inputs.contains_key(&ps.name) {
+                if ps.name != "*" && !ps.optional && !decl.inputs.contains_key(&ps.name) {
                     err(loc.stage(&sname), format!("stage `{sname}`: missing input `{}` ({})", ps.name, ps.ty), "in this stage", (!ps.doc.is_empty()).then(|| ps.doc.to_string()));
                 }
             }
@@ -284,7 +285,8 @@ impl Pipeline {
         if !errors.is_empty() {
             return Err(mk(errors, &src));
         }
-        // Stable topological order: toposort over nodes added in file order.
+        let _ = order;
+        let order = file_ordered_topo(&graph);
         let mut by_name: HashMap<String, Stage> = stages.into_iter().map(|s| (s.name.clone(), s)).collect();
         let stages: Vec<Stage> = order.iter().filter_map(|n| by_name.remove(&graph[*n])).collect();
         let index = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
@@ -292,6 +294,28 @@ impl Pipeline {
         let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
         Ok(Pipeline { file: file.to_path_buf(), dir, source: Arc::new(src), backend: parsed.backend, stages, graph, index })
     }
+}
+
+/// Topological order that keeps file order among independent stages (Kahn's algorithm
+/// with the smallest ready index first), so output and scheduling follow the file.
+/// petgraph's `toposort` has already ruled out cycles; its own order is DFS-based.
+fn file_ordered_topo(graph: &DiGraph<String, OutputRef>) -> Vec<NodeIndex> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut indegree: Vec<usize> = graph.node_indices().map(|n| graph.neighbors_directed(n, petgraph::Direction::Incoming).count()).collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = graph.node_indices().filter(|n| indegree[n.index()] == 0).map(|n| Reverse(n.index())).collect();
+    let mut order = Vec::with_capacity(graph.node_count());
+    while let Some(Reverse(i)) = ready.pop() {
+        let n = NodeIndex::new(i);
+        order.push(n);
+        for m in graph.neighbors_directed(n, petgraph::Direction::Outgoing) {
+            indegree[m.index()] -= 1;
+            if indegree[m.index()] == 0 {
+                ready.push(Reverse(m.index()));
+            }
+        }
+    }
+    order
 }
 
 /// A concrete cycle through a strongly connected component, ending where it starts.

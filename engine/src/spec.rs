@@ -75,7 +75,7 @@ impl<'de> Deserialize<'de> for StageMap {
 
 /// Parse RON text. On a syntax or shape error returns (message, line, col).
 pub fn parse(src: &str) -> Result<PipelineFile, (String, usize, usize)> {
-    ron::Options::default().from_str::<PipelineFile>(src).map_err(|e| (e.code.to_string(), e.span.start.line, e.span.start.col))
+    ron::Options::default().with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME).from_str::<PipelineFile>(src).map_err(|e| (e.code.to_string(), e.span.start.line, e.span.start.col))
 }
 
 /// Split `"stage.output"`.

@@ -1,0 +1,41 @@
+//! `fgflow graph`: the stage DAG as text (stage <- inputs) or Graphviz DOT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use petgraph::dot::{Config, Dot};
+
+use crate::app::{App, CliResult, out};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Pipeline file (default: the last one run or planned).
+    pub pipeline: Option<PathBuf>,
+    /// Graphviz DOT output.
+    #[arg(long)]
+    pub dot: bool,
+}
+
+pub fn run(app: &App, a: Args) -> CliResult {
+    let file = app.pipeline_or_last(a.pipeline)?;
+    let p = app.load(&file)?;
+    if a.dot {
+        let dot = Dot::with_attr_getters(&p.graph, &[Config::EdgeNoLabel, Config::NodeNoLabel], &|_, e| format!("label=\"{}\"", e.weight().output), &|_, (_, n)| {
+            let kind = p.stage(n).map(|s| s.kind.name()).unwrap_or("?");
+            format!("label=\"{n}\\n({kind})\" shape=box")
+        });
+        out(&format!("{dot:?}\n"))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut s = String::new();
+    for st in &p.stages {
+        s.push_str(&format!("{} ({})\n", st.name, st.kind.name()));
+        for (port, refs) in &st.inputs {
+            for r in refs {
+                s.push_str(&format!("  <- {port}: {r}\n"));
+            }
+        }
+    }
+    out(&s)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,9 @@
+//! One module per verb (or family of inspecting verbs).
+
+pub mod explain;
+pub mod gc;
+pub mod graph;
+pub mod inspect;
+pub mod kinds;
+pub mod run;
+pub mod status;
