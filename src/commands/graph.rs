@@ -20,10 +20,12 @@ pub fn run(app: &App, a: Args) -> CliResult {
     let file = app.pipeline_or_last(a.pipeline)?;
     let p = app.load(&file)?;
     if a.dot {
-        let dot = Dot::with_attr_getters(&p.graph, &[Config::EdgeNoLabel, Config::NodeNoLabel], &|_, e| format!("label=\"{}\"", e.weight().output), &|_, (_, n)| {
+        let edge = |_, e: petgraph::graph::EdgeReference<'_, fgflow_engine::OutputRef>| format!("label=\"{}\"", e.weight().output);
+        let node = |_, (_, n): (petgraph::graph::NodeIndex, &String)| {
             let kind = p.stage(n).map(|s| s.kind.name()).unwrap_or("?");
             format!("label=\"{n}\\n({kind})\" shape=box")
-        });
+        };
+        let dot = Dot::with_attr_getters(&p.graph, &[Config::EdgeNoLabel, Config::NodeNoLabel], &edge, &node);
         out(&format!("{dot:?}\n"))?;
         return Ok(ExitCode::SUCCESS);
     }
