@@ -77,6 +77,8 @@ pub struct Locator<'a> {
     src: &'a str,
     /// (stage name, byte offset of its quoted key), in file order.
     stages: Vec<(String, usize)>,
+    /// Expanded stage name (`round@2`) -> the declaration it came from.
+    aliases: std::collections::HashMap<String, String>,
 }
 
 impl<'a> Locator<'a> {
@@ -89,10 +91,16 @@ impl<'a> Locator<'a> {
                 from = at + 1;
             }
         }
-        Locator { src, stages }
+        Locator { src, stages, aliases: Default::default() }
+    }
+
+    pub fn with_aliases(mut self, aliases: std::collections::HashMap<String, String>) -> Self {
+        self.aliases = aliases;
+        self
     }
 
     fn region(&self, stage: &str) -> Option<(usize, usize)> {
+        let stage = self.aliases.get(stage).map(String::as_str).unwrap_or(stage);
         let i = self.stages.iter().position(|(n, _)| n == stage)?;
         let start = self.stages[i].1;
         let end = self.stages.get(i + 1).map(|s| s.1).unwrap_or(self.src.len());
@@ -101,8 +109,9 @@ impl<'a> Locator<'a> {
 
     /// The stage's name.
     pub fn stage(&self, stage: &str) -> SourceSpan {
+        let written = self.aliases.get(stage).map(String::as_str).unwrap_or(stage);
         match self.region(stage) {
-            Some((start, _)) => (start, stage.len() + 2).into(),
+            Some((start, _)) => (start, written.len() + 2).into(),
             None => (0, 0).into(),
         }
     }

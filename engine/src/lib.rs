@@ -4,6 +4,7 @@
 
 pub mod diagnostic;
 pub mod exec;
+pub mod expand;
 pub mod fingerprint;
 pub mod job;
 pub mod kind;

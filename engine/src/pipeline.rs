@@ -11,6 +11,7 @@ use miette::NamedSource;
 use petgraph::algo::{tarjan_scc, toposort};
 use petgraph::graph::{DiGraph, NodeIndex};
 
+use crate::expand::expand;
 use crate::diagnostic::{Locator, SpecError, SpecErrors, offset_of};
 use crate::kind::{ParamType, PortSpec, Resources, StageKind};
 use crate::registry::Registry;
@@ -107,16 +108,21 @@ impl Pipeline {
                 return Err(mk(vec![err], &src));
             }
         };
-        let loc = Locator::new(&src, parsed.stages.0.iter().map(|(n, _)| n.clone()));
+        let expanded = expand(&parsed.stages);
+        let loc = Locator::new(&src, parsed.stages.0.iter().map(|(n, _)| n.clone())).with_aliases(expanded.origin.clone());
         let mut errors = Vec::new();
         let mut err = |span: miette::SourceSpan, message: String, label: &str, help: Option<String>| {
             errors.push(SpecError { message, span, label: label.into(), help });
         };
+        for (name, section, field, message) in &expanded.errors {
+            err(loc.field(name, section, field.as_deref()), message.clone(), "here", None);
+        }
 
         // Pass 1: kinds and parameters, stage by stage.
         let mut seen = HashMap::new();
         let mut checked: Vec<(String, Option<Arc<dyn StageKind>>, Params, BTreeMap<String, Vec<String>>)> = Vec::new();
-        for (sname, decl) in &parsed.stages.0 {
+        for (sname, decl) in &expanded.stages {
+            let decl_kind = decl.kind.as_deref().unwrap_or_default();
             if seen.insert(sname.clone(), ()).is_some() {
                 err(loc.stage(sname), format!("stage `{sname}` is defined twice"), "second definition", Some("stage names must be unique".into()));
                 continue;
@@ -124,10 +130,10 @@ impl Pipeline {
             if sname.contains('.') || sname.is_empty() {
                 err(loc.stage(sname), format!("stage name `{sname}` must be non-empty and contain no `.`"), "bad name", None);
             }
-            let Some(kind) = registry.get(&decl.kind) else {
+            let Some(kind) = registry.get(decl_kind) else {
                 err(
                     loc.field(sname, "kind", None),
-                    format!("stage `{sname}`: unknown kind `{}`", decl.kind),
+                    format!("stage `{sname}`: unknown kind `{decl_kind}`"),
                     "unknown kind",
                     Some(format!("known kinds: {}", registry.names().join(", "))),
                 );
@@ -142,9 +148,9 @@ impl Pipeline {
                     let known: Vec<&str> = specs.iter().map(|p| p.name).collect();
                     err(
                         loc.field(sname, "params", Some(pname)),
-                        format!("stage `{sname}`: unknown parameter `{pname}` for kind `{}`", decl.kind),
+                        format!("stage `{sname}`: unknown parameter `{pname}` for kind `{decl_kind}`"),
                         "unknown parameter",
-                        Some(if known.is_empty() { "this kind takes no parameters".into() } else { format!("parameters of `{}`: {}", decl.kind, known.join(", ")) }),
+                        Some(if known.is_empty() { "this kind takes no parameters".into() } else { format!("parameters of `{decl_kind}`: {}", known.join(", ")) }),
                     );
                     continue;
                 };
@@ -194,11 +200,12 @@ impl Pipeline {
             .filter_map(|(n, k, p, _)| k.as_ref().map(|k| (n.clone(), k.outputs(p))))
             .collect();
         let mut stages = Vec::new();
-        for ((sname, kind, params, paths), (_, decl)) in checked.into_iter().zip(parsed.stages.0.iter().filter({
+        for ((sname, kind, params, paths), (_, decl)) in checked.into_iter().zip(expanded.stages.iter().filter({
             let mut once = HashMap::new();
             move |(n, _)| once.insert(n.clone(), ()).is_none()
         })) {
             let Some(kind) = kind else { continue };
+            let decl_kind = kind.name();
             let ports = kind.inputs();
             let mut inputs = BTreeMap::new();
             for (port, decl_in) in &decl.inputs {
@@ -207,9 +214,9 @@ impl Pipeline {
                     let known: Vec<&str> = ports.iter().map(|p| p.name.as_str()).collect();
                     err(
                         loc.field(&sname, "inputs", Some(port)),
-                        format!("stage `{sname}`: unknown input `{port}` for kind `{}`", decl.kind),
+                        format!("stage `{sname}`: unknown input `{port}` for kind `{decl_kind}`"),
                         "unknown input",
-                        Some(if known.is_empty() { "this kind takes no inputs".into() } else { format!("inputs of `{}`: {}", decl.kind, known.join(", ")) }),
+                        Some(if known.is_empty() { "this kind takes no inputs".into() } else { format!("inputs of `{decl_kind}`: {}", known.join(", ")) }),
                     );
                     continue;
                 };

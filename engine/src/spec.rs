@@ -19,10 +19,27 @@ pub struct PipelineFile {
     pub stages: StageMap,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageDecl {
-    pub kind: String,
+    /// Required, unless inherited through `extends`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Inherit kind, params, inputs and resources from another declaration (this
+    /// one's entries win), like the seed's `_base_` configs.
+    #[serde(default)]
+    pub extends: Option<String>,
+    /// A declaration that only serves as a base for `extends`: not a stage itself.
+    #[serde(default)]
+    pub template: bool,
+    /// Expand into one stage per item, named `name@item`; `{item}`, `{index}` and
+    /// `{prev_item}` are substituted in strings (a string that is exactly `{index}`
+    /// becomes that integer).
+    #[serde(default)]
+    pub foreach: Option<Vec<String>>,
+    /// Inputs of the first item, replacing those that mention `{prev_item}`.
+    #[serde(default)]
+    pub first: IndexMap<String, InputDecl>,
     #[serde(default)]
     pub params: IndexMap<String, ron::Value>,
     #[serde(default)]

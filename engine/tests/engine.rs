@@ -467,3 +467,35 @@ fn keys_do_not_depend_on_map_order_in_the_file() {
     assert_eq!(k1, k2);
 }
 
+
+#[test]
+fn foreach_and_extends_expand_into_stably_named_stages() {
+    let f = Fixture::new();
+    let src = |items: &str| {
+        format!(
+            r#"( stages: {{
+        "seed": (kind: "emit", params: {{ "value": "s" }}),
+        "base": (template: true, kind: "concat", params: {{ "suffix": "-" }}),
+        "round": (extends: "base", foreach: [{items}], inputs: {{ "parts": ["round@{{prev_item}}.out"] }}, first: {{ "parts": ["seed.out"] }}, params: {{ "suffix": "{{item}}" }}),
+        "last": (extends: "base", inputs: {{ "parts": ["round@r2.out"] }}),
+    }} )"#
+        )
+    };
+    f.write(&src(r#""r1", "r2""#));
+    let p = f.load();
+    let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["seed", "round@r1", "round@r2", "last"]);
+    assert_eq!(f.ran(), ["last", "round@r1", "round@r2", "seed"]);
+    assert_eq!(f.output("last"), "sr1r2-");
+    // Adding a round keeps the names, so the cache, of the existing ones.
+    f.write(&src(r#""r1", "r2", "r3""#));
+    assert_eq!(f.ran(), ["round@r3"]);
+    let e = errors_of(r#"( stages: {
+        "a": (extends: "b", params: { "value": "x" }),
+        "b": (extends: "a"),
+        "r": (kind: "concat", foreach: ["x"], inputs: { "parts": ["r@{prev_item}.out"] }),
+    } )"#);
+    let all = e.join("\n");
+    assert!(all.contains("`extends` forms a cycle: a -> b -> a"), "{all}");
+    assert!(all.contains("give it in `first`"), "{all}");
+}

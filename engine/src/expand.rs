@@ -1,0 +1,155 @@
+//! Templates, before checking: `extends` (inherit another declaration, override what
+//! differs) and `foreach` (one stage per item, named `name@item`, with `{item}`,
+//! `{index}` and `{prev_item}` substituted). Expanded names depend only on the items,
+//! so adding a round keeps the names, and so the cache, of the existing ones.
+
+use std::collections::HashMap;
+
+use indexmap::IndexMap;
+
+use crate::spec::{InputDecl, StageDecl, StageMap};
+
+/// A problem found while expanding: (declaration name, section, field, message).
+pub type ExpandError = (String, &'static str, Option<String>, String);
+
+pub struct Expanded {
+    pub stages: Vec<(String, StageDecl)>,
+    /// Expanded stage name -> the declaration it came from (for error spans).
+    pub origin: HashMap<String, String>,
+    pub errors: Vec<ExpandError>,
+}
+
+pub fn expand(map: &StageMap) -> Expanded {
+    let decls: HashMap<&str, &StageDecl> = map.0.iter().map(|(n, d)| (n.as_str(), d)).collect();
+    let mut errors = Vec::new();
+    let mut stages = Vec::new();
+    let mut origin = HashMap::new();
+    for (name, decl) in &map.0 {
+        let resolved = match inherit(name, decl, &decls) {
+            Ok(d) => d,
+            Err(msg) => {
+                errors.push((name.clone(), "extends", None, msg));
+                continue;
+            }
+        };
+        if decl.template {
+            continue;
+        }
+        if resolved.kind.is_none() {
+            errors.push((name.clone(), "kind", None, format!("stage `{name}` has no `kind` (give one, or `extends` a declaration that has)")));
+            continue;
+        }
+        match &decl.foreach {
+            None => {
+                origin.insert(name.clone(), name.clone());
+                stages.push((name.clone(), resolved));
+            }
+            Some(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if item.is_empty() || item.contains(['.', '@']) {
+                        errors.push((name.clone(), "foreach", None, format!("stage `{name}`: foreach item `{item}` must be non-empty without `.` or `@`")));
+                        continue;
+                    }
+                    let prev = if i > 0 { Some(items[i - 1].as_str()) } else { None };
+                    let sub = |s: &str| -> String {
+                        let s = s.replace("{item}", item).replace("{index}", &i.to_string());
+                        match prev {
+                            Some(p) => s.replace("{prev_item}", p),
+                            None => s,
+                        }
+                    };
+                    let mut d = resolved.clone();
+                    d.foreach = None;
+                    d.params = d.params.iter().map(|(k, v)| (k.clone(), subst_value(v, &sub, i))).collect();
+                    let mut inputs = IndexMap::new();
+                    for (port, decl_in) in &resolved.inputs {
+                        let mentions_prev = decl_in.refs().iter().any(|r| r.contains("{prev_item}"));
+                        let chosen = if mentions_prev && prev.is_none() {
+                            match resolved.first.get(port) {
+                                Some(f) => f.clone(),
+                                None => {
+                                    errors.push((name.clone(), "inputs", Some(port.clone()), format!("stage `{name}`: input `{port}` mentions {{prev_item}}, which the first item `{item}` lacks: give it in `first`")));
+                                    continue;
+                                }
+                            }
+                        } else {
+                            match decl_in {
+                                InputDecl::One(r) => InputDecl::One(sub(r)),
+                                InputDecl::Many(v) => InputDecl::Many(v.iter().map(|r| sub(r)).collect()),
+                            }
+                        };
+                        inputs.insert(port.clone(), chosen);
+                    }
+                    if prev.is_none() {
+                        for (port, f) in &resolved.first {
+                            inputs.entry(port.clone()).or_insert_with(|| f.clone());
+                        }
+                    }
+                    d.inputs = inputs;
+                    d.first = IndexMap::new();
+                    let full = format!("{name}@{item}");
+                    origin.insert(full.clone(), name.clone());
+                    stages.push((full, d));
+                }
+            }
+        }
+    }
+    Expanded { stages, origin, errors }
+}
+
+/// Follow `extends` to its root, merging on the way; reports cycles and missing bases.
+fn inherit(name: &str, decl: &StageDecl, decls: &HashMap<&str, &StageDecl>) -> Result<StageDecl, String> {
+    let mut chain = vec![name.to_string()];
+    let mut layers = vec![decl];
+    let mut cur = decl;
+    while let Some(base) = &cur.extends {
+        if chain.contains(base) {
+            chain.push(base.clone());
+            return Err(format!("`extends` forms a cycle: {}", chain.join(" -> ")));
+        }
+        let Some(b) = decls.get(base.as_str()) else {
+            return Err(format!("stage `{name}` extends `{base}`, which is not declared"));
+        };
+        chain.push(base.clone());
+        layers.push(b);
+        cur = b;
+    }
+    let mut out = (*layers.pop().expect("the chain holds at least the declaration itself")).clone();
+    for layer in layers.into_iter().rev() {
+        if layer.kind.is_some() {
+            out.kind = layer.kind.clone();
+        }
+        for (k, v) in &layer.params {
+            out.params.insert(k.clone(), v.clone());
+        }
+        for (k, v) in &layer.inputs {
+            out.inputs.insert(k.clone(), v.clone());
+        }
+        for (k, v) in &layer.first {
+            out.first.insert(k.clone(), v.clone());
+        }
+        if layer.resources.is_some() {
+            out.resources = layer.resources;
+        }
+    }
+    out.extends = None;
+    out.template = decl.template;
+    out.foreach = decl.foreach.clone();
+    Ok(out)
+}
+
+fn subst_value(v: &ron::Value, sub: &dyn Fn(&str) -> String, index: usize) -> ron::Value {
+    match v {
+        ron::Value::String(s) if s == "{index}" => ron::Value::Number(ron::Number::I64(index as i64)),
+        ron::Value::String(s) => ron::Value::String(sub(s)),
+        ron::Value::Seq(items) => ron::Value::Seq(items.iter().map(|x| subst_value(x, sub, index)).collect()),
+        ron::Value::Map(m) => {
+            let mut out = ron::Map::new();
+            for (k, x) in m.iter() {
+                out.insert(k.clone(), subst_value(x, sub, index));
+            }
+            ron::Value::Map(out)
+        }
+        other => other.clone(),
+    }
+}
