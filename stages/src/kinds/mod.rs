@@ -2,6 +2,18 @@
 
 use fgflow_engine::Registry;
 
-pub(crate) fn register_all(_r: &mut Registry) {
-    // one line per kind, e.g. `r.register(command::Command);`
+mod command;
+mod evaluate;
+mod import;
+mod predict;
+mod quickdraw;
+mod train;
+
+pub(crate) fn register_all(r: &mut Registry) {
+    r.register(command::Command);
+    r.register(quickdraw::QuickDraw);
+    r.register(import::ImportFolder);
+    r.register(train::Train);
+    r.register(predict::Predict);
+    r.register(evaluate::Evaluate);
 }

@@ -1,0 +1,122 @@
+//! The `quickdraw` kind: builds the noisy long-tailed benchmark from the committed
+//! Quick, Draw! drawings (`data/quickdraw/`). Recipe in `crate::data::benchmark`.
+
+use std::path::Path;
+
+use fgflow_engine::{ParamSpec, ParamType, Params, PortSpec, RunContext, StageError, StageKind};
+
+use crate::artifact;
+use crate::data::benchmark::{self, BenchmarkConfig};
+use crate::data::describe;
+use crate::data::quickdraw::Drawings;
+use crate::types::{GROUND_TRUTH, IMAGE_SET, LABELLED_SET};
+
+pub struct QuickDraw;
+
+fn config(p: &Params) -> Result<BenchmarkConfig, StageError> {
+    Ok(BenchmarkConfig {
+        // Negative seeds are fine: only the bits matter.
+        seed: p.int("seed")? as u64,
+        classes: p.usize("classes")?,
+        val_per_class: p.usize("val_per_class")?,
+        testa_per_class: p.usize("testa_per_class")?,
+        testb_per_class: p.usize("testb_per_class")?,
+        train_max: p.usize("train_max")?,
+        imbalance: p.float("imbalance")?,
+        noise: p.float("noise")?,
+        near_share: p.float("near_share")?,
+        open_set: p.float("open_set")?,
+    })
+}
+
+impl StageKind for QuickDraw {
+    fn name(&self) -> &'static str {
+        "quickdraw"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "Builds the Quick, Draw! benchmark: long-tailed noisy training set, clean validation set, balanced unlabelled test sets A and B, hidden ground truth"
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        let d = BenchmarkConfig::default();
+        vec![
+            ParamSpec::required("root", ParamType::Path, "folder with quickdraw.png and classes.txt (the committed data/quickdraw)"),
+            ParamSpec::required("seed", ParamType::Int, "seed of every random choice (vocabulary, splits, tail order, noise)"),
+            ParamSpec::optional("classes", ParamType::Int, d.classes as i64, "in-vocabulary classes; the other source classes supply open-set noise"),
+            ParamSpec::optional("val_per_class", ParamType::Int, d.val_per_class as i64, "clean validation images per class"),
+            ParamSpec::optional("testa_per_class", ParamType::Int, d.testa_per_class as i64, "test A images per class (balanced, unlabelled)"),
+            ParamSpec::optional("testb_per_class", ParamType::Int, d.testb_per_class as i64, "test B images per class (balanced, unlabelled)"),
+            ParamSpec::optional("train_max", ParamType::Int, d.train_max as i64, "training images of the head class (each class's pool)"),
+            ParamSpec::optional(
+                "imbalance",
+                ParamType::Float,
+                d.imbalance,
+                "head/tail ratio rho: the class at rank r keeps round(train_max * rho^(-r/(classes-1)))",
+            ),
+            ParamSpec::optional("noise", ParamType::Float, d.noise, "fraction of in-vocabulary training labels replaced"),
+            ParamSpec::optional(
+                "near_share",
+                ParamType::Float,
+                d.near_share,
+                "share of replaced labels set to the class with the nearest mean image (the rest: uniform)",
+            ),
+            ParamSpec::optional("open_set", ParamType::Float, d.open_set, "fraction of the training set that is open-set images with random labels"),
+        ]
+    }
+
+    fn inputs(&self) -> Vec<PortSpec> {
+        Vec::new()
+    }
+
+    fn outputs(&self, _params: &Params) -> Vec<PortSpec> {
+        vec![
+            PortSpec::one("train", LABELLED_SET, "training set with noisy labels"),
+            PortSpec::one("val", LABELLED_SET, "clean validation set"),
+            PortSpec::one("testa", IMAGE_SET, "test A, balanced, unlabelled"),
+            PortSpec::one("testb", IMAGE_SET, "test B, balanced, unlabelled"),
+            PortSpec::one("truth", GROUND_TRUTH, "true test labels, clean training labels and noise flags: for evaluation only"),
+        ]
+    }
+
+    fn validate(&self, params: &Params) -> Vec<(String, String)> {
+        match config(params) {
+            Ok(cfg) => cfg.check(),
+            // Type errors are the engine's to report.
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
+        let cfg = config(&ctx.params)?;
+        let root = ctx.source("root")?;
+        ctx.progress(0, 3, "reading drawings");
+        let drawings = Drawings::load(root)?;
+        ctx.log(format!("{}: {} classes x {} drawings of {}x{}", root.display(), drawings.classes.len(), drawings.per_class, drawings.side, drawings.side));
+        ctx.progress(1, 3, "building benchmark");
+        let b = benchmark::build(&drawings, &cfg).map_err(StageError::Failed)?;
+        ctx.progress(2, 3, "writing");
+        artifact::write_labelled_set(&ctx.output_dir("train")?, &b.train)?;
+        artifact::write_labelled_set(&ctx.output_dir("val")?, &b.val)?;
+        artifact::write_image_set(&ctx.output_dir("testa")?, &b.testa)?;
+        artifact::write_image_set(&ctx.output_dir("testb")?, &b.testb)?;
+        artifact::write_ground_truth(&ctx.output_dir("truth")?, &b.truth)?;
+        let open = b.truth.train_noise.iter().filter(|n| **n == artifact::Noise::OpenSet).count();
+        ctx.log(format!("train {} ({} open-set), val {}, test A {}, test B {}", b.train.images.n, open, b.val.images.n, b.testa.n, b.testb.n));
+        ctx.progress(3, 3, "done");
+        Ok(())
+    }
+
+    fn describe_output(&self, output: &str, dir: &Path) -> Option<String> {
+        match output {
+            "train" | "val" => describe::labelled_set(dir),
+            "testa" | "testb" => describe::image_set(dir),
+            "truth" => describe::ground_truth(dir),
+            _ => None,
+        }
+    }
+}

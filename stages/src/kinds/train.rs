@@ -1,0 +1,400 @@
+//! The `train` kind: trains a CNN or ViT classifier on a labelled set with the recipe's
+//! heads (linear, logit-adjusted, sub-centre ArcFace with adaptive margins), losses
+//! (CE with label smoothing, softmax EQL, balanced softmax), AdamW without decay on
+//! norms/biases/position embeddings, warm-up + cosine, and CPU-side augmentation.
+//! Outputs the final model, the last N epoch checkpoints (for soups) and a log.
+//! The model code lives in `crate::ml`; this module maps parameters and artifacts to it.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::AutodiffBackend;
+use fgflow_engine::{ParamSpec, ParamType, Params, PortSpec, Resources, RunContext, StageError, StageKind, Value};
+
+use crate::artifact::{self, LabelledSet};
+use crate::ml::augment::AugmentConfig;
+use crate::ml::backend::{BackendJob, dispatch};
+use crate::ml::checkpoint::{self, CheckpointEntry};
+use crate::ml::cnn::CnnConfig;
+use crate::ml::data::Images;
+use crate::ml::head::HeadConfig;
+use crate::ml::loss::{EqlIndicator, LossConfig};
+use crate::ml::model::{AdjustMode, BackboneConfig, Classifier, LogitAdjust, MODEL_FORMAT, ModelConfig};
+use crate::ml::predictions::write_json;
+use crate::ml::train_loop::{self, EpochLog, Labelled, TrainConfig, TrainObserver};
+use crate::ml::vit::VitConfig;
+use crate::types;
+
+pub struct Train;
+
+/// Everything the parameters say, parsed once (used by `validate` and `run`).
+struct Settings {
+    backbone: BackboneConfig,
+    head: HeadConfig,
+    logit_adjust: Option<LogitAdjust>,
+    loss: LossConfig,
+    train: TrainConfig,
+    keep_checkpoints: usize,
+}
+
+fn param_err(name: &str, msg: impl Into<String>) -> StageError {
+    StageError::Param { name: name.into(), msg: msg.into() }
+}
+
+fn settings(p: &Params) -> Result<Settings, StageError> {
+    let backbone = match p.str("backbone")? {
+        "cnn" => {
+            let widths = p.ints("cnn_widths")?;
+            if widths.is_empty() || widths.iter().any(|&w| w <= 0) {
+                return Err(param_err("cnn_widths", "must be a non-empty list of positive integers"));
+            }
+            let blocks = p.usize("cnn_blocks")?;
+            if blocks == 0 {
+                return Err(param_err("cnn_blocks", "must be at least 1"));
+            }
+            BackboneConfig::Cnn(CnnConfig { widths: widths.iter().map(|&w| w as usize).collect(), blocks })
+        }
+        "vit" => {
+            let v = VitConfig {
+                patch: p.usize("vit_patch")?,
+                dim: p.usize("vit_dim")?,
+                depth: p.usize("vit_depth")?,
+                heads: p.usize("vit_heads")?,
+                mlp_ratio: p.float("vit_mlp_ratio")?,
+            };
+            for (name, value) in [("vit_patch", v.patch), ("vit_dim", v.dim), ("vit_depth", v.depth), ("vit_heads", v.heads)] {
+                if value == 0 {
+                    return Err(param_err(name, "must be at least 1"));
+                }
+            }
+            if v.dim % v.heads != 0 {
+                return Err(param_err("vit_heads", format!("vit_dim {} is not divisible by vit_heads {}", v.dim, v.heads)));
+            }
+            if !(v.mlp_ratio > 0.0) {
+                return Err(param_err("vit_mlp_ratio", "must be positive"));
+            }
+            BackboneConfig::Vit(v)
+        }
+        other => return Err(param_err("backbone", format!("unknown backbone `{other}`"))),
+    };
+    let tau = p.float("logit_adjust_tau")?;
+    let (head, logit_adjust) = match p.str("head")? {
+        "linear" => (HeadConfig::Linear, None),
+        "logit_adjusted" => {
+            let mode = match p.str("logit_adjust_mode")? {
+                "post_hoc" => AdjustMode::PostHoc,
+                "loss" => AdjustMode::Loss,
+                other => return Err(param_err("logit_adjust_mode", format!("unknown mode `{other}`"))),
+            };
+            (HeadConfig::Linear, Some(LogitAdjust { tau, mode }))
+        }
+        "arcface" => {
+            let k = p.usize("arcface_k")?;
+            if k == 0 {
+                return Err(param_err("arcface_k", "must be at least 1"));
+            }
+            (HeadConfig::ArcFace { k, s: p.float("arcface_s")? }, None)
+        }
+        other => return Err(param_err("head", format!("unknown head `{other}`"))),
+    };
+    let loss = match p.str("loss")? {
+        "ce" => LossConfig::Ce,
+        "balanced_softmax" => LossConfig::BalancedSoftmax,
+        "eql" => {
+            let indicator = match p.str("eql_indicator")? {
+                "pos" => EqlIndicator::Pos,
+                "neg" => EqlIndicator::Neg,
+                "ratio" => EqlIndicator::Ratio,
+                other => return Err(param_err("eql_indicator", format!("unknown indicator `{other}`"))),
+            };
+            let eps = p.float("eql_eps")?;
+            if !(eps > 0.0) {
+                return Err(param_err("eql_eps", "must be positive"));
+            }
+            LossConfig::Eql { tau: p.float("eql_tau")?, eps, indicator }
+        }
+        other => return Err(param_err("loss", format!("unknown loss `{other}`"))),
+    };
+    let prob = |name: &str| -> Result<f64, StageError> {
+        let v = p.float(name)?;
+        if (0.0..=1.0).contains(&v) { Ok(v) } else { Err(param_err(name, format!("must be a probability in [0, 1], found {v}"))) }
+    };
+    let train = TrainConfig {
+        epochs: p.usize("epochs")?,
+        batch_size: p.usize("batch_size")?,
+        lr: p.float("lr")?,
+        min_lr: p.float("min_lr")?,
+        weight_decay: p.float("weight_decay")?,
+        warmup_epochs: p.float("warmup_epochs")?,
+        seed: p.int("seed")? as u64,
+        label_smoothing: p.float("label_smoothing")?,
+        margin_x: p.float("arcface_m_x")?,
+        margin_y: p.float("arcface_m_y")?,
+        augment: AugmentConfig { shift: p.usize("aug_shift")?, flip: prob("aug_flip")?, erase: prob("aug_erase")? },
+    };
+    if train.epochs == 0 {
+        return Err(param_err("epochs", "must be at least 1"));
+    }
+    if train.batch_size < 2 {
+        return Err(param_err("batch_size", "must be at least 2 (BatchNorm needs two samples)"));
+    }
+    if !(train.lr > 0.0) || !(train.min_lr >= 0.0) {
+        return Err(param_err("lr", "lr must be positive and min_lr non-negative"));
+    }
+    if !(0.0..1.0).contains(&train.label_smoothing) {
+        return Err(param_err("label_smoothing", "must be in [0, 1)"));
+    }
+    if !(train.warmup_epochs >= 0.0) || !(train.weight_decay >= 0.0) {
+        return Err(param_err("warmup_epochs", "warmup_epochs and weight_decay must be non-negative"));
+    }
+    Ok(Settings { backbone, head, logit_adjust, loss, train, keep_checkpoints: p.usize("keep_checkpoints")? })
+}
+
+impl StageKind for Train {
+    fn name(&self) -> &'static str {
+        "train"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn summary(&self) -> &'static str {
+        "train a CNN or ViT classifier (linear / logit-adjusted / sub-centre ArcFace head; CE / EQL / balanced softmax)"
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        use ParamType::*;
+        const BACKBONES: &[&str] = &["cnn", "vit"];
+        const HEADS: &[&str] = &["linear", "logit_adjusted", "arcface"];
+        const LOSSES: &[&str] = &["ce", "eql", "balanced_softmax"];
+        vec![
+            ParamSpec::optional("backbone", Enum(BACKBONES), "cnn", "model family (ignored when `init` is connected: the backbone comes from that model)"),
+            ParamSpec::optional("cnn_widths", List(&Int), vec![32i64, 64, 128], "CNN: channels of each stage (2x2 max-pool between stages)"),
+            ParamSpec::optional("cnn_blocks", Int, 2, "CNN: 3x3 conv + BatchNorm + ReLU blocks per stage"),
+            ParamSpec::optional("vit_patch", Int, 4, "ViT: patch size in pixels"),
+            ParamSpec::optional("vit_dim", Int, 128, "ViT: token dimension"),
+            ParamSpec::optional("vit_depth", Int, 4, "ViT: transformer blocks"),
+            ParamSpec::optional("vit_heads", Int, 4, "ViT: attention heads (must divide vit_dim)"),
+            ParamSpec::optional("vit_mlp_ratio", Float, 2.0, "ViT: MLP hidden size / vit_dim"),
+            ParamSpec::optional("head", Enum(HEADS), "linear", "classification head"),
+            ParamSpec::optional("arcface_k", Int, 3, "ArcFace: sub-centres per class"),
+            ParamSpec::optional("arcface_s", Float, 30.0, "ArcFace: logit scale s"),
+            ParamSpec::optional("arcface_m_x", Float, 0.45, "ArcFace adaptive margin: range m_x (rarest class gets m_x + m_y)"),
+            ParamSpec::optional("arcface_m_y", Float, 0.05, "ArcFace adaptive margin: floor m_y (most frequent class)"),
+            ParamSpec::optional("logit_adjust_tau", Float, 1.0, "logit_adjusted head: tau of a_c = tau*log(prior_c)"),
+            ParamSpec::optional("logit_adjust_mode", Enum(&["post_hoc", "loss"]), "post_hoc", "logit_adjusted head: subtract a at prediction, or train on logits + a"),
+            ParamSpec::optional("loss", Enum(LOSSES), "ce", "training loss"),
+            ParamSpec::optional("label_smoothing", Float, 0.0, "label smoothing of the cross-entropy"),
+            ParamSpec::optional("eql_tau", Float, 1.0, "EQL: tau"),
+            ParamSpec::optional("eql_eps", Float, 1e-4, "EQL: eps floor of the statistics"),
+            ParamSpec::optional("eql_indicator", Enum(&["pos", "neg", "ratio"]), "pos", "EQL: which running statistic g is (pos, neg or pos/neg)"),
+            ParamSpec::optional("epochs", Int, 10, "epochs"),
+            ParamSpec::optional("batch_size", Int, 64, "images per optimiser step"),
+            ParamSpec::optional("lr", Float, 1e-3, "peak learning rate (AdamW)"),
+            ParamSpec::optional("min_lr", Float, 1e-5, "learning rate at the end of the cosine"),
+            ParamSpec::optional("weight_decay", Float, 0.05, "AdamW weight decay (not on norms, biases, position embeddings)"),
+            ParamSpec::optional("warmup_epochs", Float, 1.0, "linear warm-up length in epochs (fractions allowed)"),
+            ParamSpec::optional("seed", Int, 0, "weights, shuffling and augmentation"),
+            ParamSpec::optional("aug_shift", Int, 2, "random shift: pad by this many pixels and crop back (0 = off)"),
+            ParamSpec::optional("aug_flip", Float, 0.5, "horizontal flip probability"),
+            ParamSpec::optional("aug_erase", Float, 0.25, "random erasing probability"),
+            ParamSpec::optional("keep_checkpoints", Int, 5, "how many last-epoch checkpoints to keep (for soups)"),
+        ]
+    }
+    fn inputs(&self) -> Vec<PortSpec> {
+        vec![
+            PortSpec::one("train", types::LABELLED_SET, "training images and labels"),
+            PortSpec::one("val", types::LABELLED_SET, "validation set: accuracy after every epoch").optional(),
+            PortSpec::one("init", types::MODEL, "model to fine-tune from (its backbone; its head too when head and classes match)").optional(),
+        ]
+    }
+    fn outputs(&self, _params: &Params) -> Vec<PortSpec> {
+        vec![
+            PortSpec::one("model", types::MODEL, "final weights (model.safetensors) and config (model.json)"),
+            PortSpec::one("checkpoints", types::CHECKPOINTS, "the last keep_checkpoints epochs (index.json + epoch-NNNN/)"),
+            PortSpec::one("log", types::REPORT, "per-epoch loss, train acc, val acc, lr (log.json, log.txt)"),
+        ]
+    }
+    fn resources(&self, _params: &Params) -> Resources {
+        Resources::Heavy
+    }
+    fn backend_sensitive(&self) -> bool {
+        true
+    }
+    fn validate(&self, params: &Params) -> Vec<(String, String)> {
+        match settings(params) {
+            Ok(_) => Vec::new(),
+            Err(StageError::Param { name, msg }) => vec![(name, msg)],
+            Err(e) => vec![("params".into(), e.to_string())],
+        }
+    }
+
+    fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
+        let s = settings(&ctx.params)?;
+        let train = artifact::read_labelled_set(ctx.input("train")?)?;
+        let val = if ctx.has_input("val") { Some(artifact::read_labelled_set(ctx.input("val")?)?) } else { None };
+        let init = if ctx.has_input("init") { Some(ctx.input("init")?.to_path_buf()) } else { None };
+        if let Some(v) = &val
+            && v.images.classes != train.images.classes
+        {
+            return Err(StageError::Input { name: "val".into(), msg: "its classes differ from the training set's".into() });
+        }
+        let counts = artifact::class_counts(&train.labels, train.n_classes()).into_iter().map(|n| n as u64).collect();
+        let mut config = ModelConfig {
+            format: MODEL_FORMAT,
+            backbone: s.backbone.clone(),
+            head: s.head.clone(),
+            logit_adjust: s.logit_adjust,
+            loss: s.loss.clone(),
+            classes: train.images.classes.clone(),
+            height: train.images.height,
+            width: train.images.width,
+            channels: train.images.channels,
+            class_counts: counts,
+            epoch: 0,
+        };
+        if let Some(dir) = &init {
+            let base = checkpoint::read_config(dir)?;
+            if (base.height, base.width, base.channels) != (config.height, config.width, config.channels) {
+                return Err(StageError::Input {
+                    name: "init".into(),
+                    msg: format!(
+                        "the model takes {}x{}x{} images, the training set has {}x{}x{}",
+                        base.height, base.width, base.channels, config.height, config.width, config.channels
+                    ),
+                });
+            }
+            if base.backbone != config.backbone {
+                ctx.log(format!("init: using the init model's backbone {:?} (the backbone parameters are ignored)", base.backbone));
+            }
+            config.backbone = base.backbone;
+        }
+        config.check().map_err(StageError::failed)?;
+        ctx.log(format!(
+            "train: {} images, {} classes, {}x{}x{}, backend {}",
+            train.images.n,
+            config.num_classes(),
+            config.height,
+            config.width,
+            config.channels,
+            ctx.backend
+        ));
+        let job = TrainJob { ctx, settings: &s, config, train: &train, val: val.as_ref(), init };
+        dispatch(&ctx.backend, job)
+    }
+}
+
+struct TrainJob<'a, 'c> {
+    ctx: &'a RunContext<'c>,
+    settings: &'a Settings,
+    config: ModelConfig,
+    train: &'a LabelledSet,
+    val: Option<&'a LabelledSet>,
+    init: Option<PathBuf>,
+}
+
+fn labelled(set: &LabelledSet) -> Result<Labelled<'_>, StageError> {
+    let i = &set.images;
+    Ok(Labelled { images: Images::new(i.n, i.height, i.width, i.channels, &i.pixels).map_err(StageError::failed)?, labels: &set.labels })
+}
+
+impl BackendJob for TrainJob<'_, '_> {
+    type Output = ();
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<(), StageError> {
+        let TrainJob { ctx, settings, config, train, val, init } = self;
+        let mut model: Classifier<B> = config.init(settings.train.seed, &device);
+        if let Some(dir) = &init {
+            let (base, base_config) = checkpoint::load_model::<B>(dir, &device)?;
+            model.backbone = base.backbone;
+            if base_config.head == config.head && base_config.classes == config.classes {
+                model.head = base.head;
+                ctx.log("init: backbone and head loaded");
+            } else {
+                ctx.log("init: backbone loaded; head re-initialised (different head or classes)");
+            }
+        }
+        let out_model = ctx.output_dir("model")?;
+        let out_ckpt = ctx.output_dir("checkpoints")?;
+        let out_log = ctx.output_dir("log")?;
+        let mut observer = Observer { ctx, config: &config, dir: out_ckpt, keep: settings.keep_checkpoints, kept: Vec::new(), logs: Vec::new(), epochs: settings.train.epochs };
+        checkpoint::write_index(&observer.dir, &[])?;
+        let final_model = train_loop::train::<B>(&device, model, &config, &settings.train, labelled(train)?, val.map(labelled).transpose()?, &mut observer)?;
+        let mut final_config = config.clone();
+        final_config.epoch = settings.train.epochs;
+        checkpoint::save_model(&final_model, &final_config, &out_model)?;
+        write_logs(&out_log, &observer.logs, &final_config, &settings.train, &ctx.backend)
+    }
+}
+
+struct Observer<'a, 'c> {
+    ctx: &'a RunContext<'c>,
+    config: &'a ModelConfig,
+    dir: PathBuf,
+    keep: usize,
+    kept: Vec<CheckpointEntry>,
+    logs: Vec<EpochLog>,
+    epochs: usize,
+}
+
+impl<B: burn::tensor::backend::Backend> TrainObserver<B> for Observer<'_, '_> {
+    fn step(&mut self, step: usize, total: usize) {
+        let epoch = self.logs.len() + 1;
+        self.ctx.progress(step as u64, total as u64, &format!("epoch {epoch}/{}", self.epochs));
+    }
+
+    fn epoch(&mut self, log: &EpochLog, model: &Classifier<B>) -> Result<(), StageError> {
+        self.ctx.log(format_epoch(log));
+        self.logs.push(log.clone());
+        // Only the last `keep` epochs can end up in the artifact: skip saving earlier ones.
+        if self.keep == 0 || log.epoch + self.keep <= self.epochs {
+            return Ok(());
+        }
+        let name = checkpoint::checkpoint_dir_name(log.epoch);
+        let mut config = self.config.clone();
+        config.epoch = log.epoch;
+        checkpoint::save_model(model, &config, &self.dir.join(&name))?;
+        self.kept.push(CheckpointEntry { epoch: log.epoch, dir: name, val_acc: log.val_acc });
+        while self.kept.len() > self.keep {
+            let old = self.kept.remove(0);
+            let _ = std::fs::remove_dir_all(self.dir.join(&old.dir));
+        }
+        checkpoint::write_index(&self.dir, &self.kept)
+    }
+}
+
+fn format_epoch(l: &EpochLog) -> String {
+    let val = l.val_acc.map(|v| format!("{:6.2}%", 100.0 * v)).unwrap_or_else(|| "      -".into());
+    format!(
+        "epoch {:>3}  loss {:.4}  train acc {:6.2}%  val acc {val}  lr {:.2e}  {:.1}s  {:.0} img/s",
+        l.epoch,
+        l.loss,
+        100.0 * l.train_acc,
+        l.lr,
+        l.seconds,
+        l.images_per_sec
+    )
+}
+
+fn write_logs(dir: &Path, logs: &[EpochLog], config: &ModelConfig, tc: &TrainConfig, backend: &str) -> Result<(), StageError> {
+    // No timings in log.json: they vary between identical runs, and the artifact's
+    // digest should not. The text log keeps them for people.
+    let epochs: Vec<Value> = logs
+        .iter()
+        .map(|l| {
+            let mut m = std::collections::BTreeMap::new();
+            m.insert("epoch".to_string(), Value::Int(l.epoch as i64));
+            m.insert("loss".to_string(), Value::Float(l.loss));
+            m.insert("train_acc".to_string(), Value::Float(l.train_acc));
+            if let Some(v) = l.val_acc {
+                m.insert("val_acc".to_string(), Value::Float(v));
+            }
+            m.insert("lr".to_string(), Value::Float(l.lr));
+            Value::Map(m)
+        })
+        .collect();
+    let json = serde_json::json!({ "backend": backend, "model": config, "train": tc, "epochs": epochs });
+    write_json(&dir.join("log.json"), &json)?;
+    let mut text = String::new();
+    for l in logs {
+        let _ = writeln!(text, "{}", format_epoch(l));
+    }
+    std::fs::write(dir.join("log.txt"), text).map_err(|e| StageError::io("writing log.txt", e))
+}

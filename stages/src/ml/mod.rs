@@ -1,0 +1,23 @@
+//! The machine-learning core behind the `train`, `predict` and `evaluate` kinds: models
+//! (CNN, ViT, heads), losses, optimiser and schedule, augmentation, the training loop,
+//! and the on-disk formats of models, predictions and metrics. Everything here is
+//! generic over a burn backend; `backend` picks the concrete one at run time.
+//!
+//! Later stages (ensemble, soup, pseudo-labels) reuse `checkpoint`, `predictions` and
+//! `metrics` to read what these kinds write.
+
+pub mod augment;
+pub mod backend;
+pub mod checkpoint;
+pub mod cnn;
+pub mod data;
+pub mod head;
+pub mod init;
+pub mod loss;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod predictions;
+pub mod schedule;
+pub mod train_loop;
+pub mod vit;

@@ -1,0 +1,153 @@
+//! The classifier (backbone + head + EQL buffers) and its configuration, the JSON that
+//! sits beside the weights in a model artifact. The config holds everything needed to
+//! rebuild the module and use it: sizes, class names, image shape, and the training
+//! class counts (for post-hoc logit adjustment and for head/middle/tail breakdowns).
+
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::cnn::{Cnn, CnnConfig};
+use super::head::{Head, HeadConfig};
+use super::loss::LossConfig;
+use super::vit::{Vit, VitConfig};
+
+/// Version of the model artifact layout; bump when the JSON or tensor names change.
+pub const MODEL_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BackboneConfig {
+    Cnn(CnnConfig),
+    Vit(VitConfig),
+}
+
+impl BackboneConfig {
+    pub fn feature_dim(&self) -> usize {
+        match self {
+            BackboneConfig::Cnn(c) => c.feature_dim(),
+            BackboneConfig::Vit(v) => v.feature_dim(),
+        }
+    }
+}
+
+/// Whether and how the long-tail logit adjustment is used.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdjustMode {
+    /// Train plainly; predict on logits - tau*log prior.
+    PostHoc,
+    /// Train on logits + tau*log prior; predict on raw logits.
+    Loss,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LogitAdjust {
+    pub tau: f64,
+    pub mode: AdjustMode,
+}
+
+/// `model.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub format: u32,
+    pub backbone: BackboneConfig,
+    pub head: HeadConfig,
+    /// Set for the "logit_adjusted" head.
+    pub logit_adjust: Option<LogitAdjust>,
+    /// The loss it was trained with (informational; predictions do not depend on it).
+    pub loss: LossConfig,
+    pub classes: Vec<String>,
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+    /// Training samples per class of the run that produced these weights.
+    pub class_counts: Vec<u64>,
+    /// Epochs trained (for checkpoints: the epoch this snapshot was taken after).
+    pub epoch: usize,
+}
+
+impl ModelConfig {
+    pub fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// Build a freshly initialised classifier (weights from `seed`).
+    pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Classifier<B> {
+        let backbone = match &self.backbone {
+            BackboneConfig::Cnn(c) => Backbone::Cnn(c.init(self.channels, device)),
+            BackboneConfig::Vit(v) => Backbone::Vit(v.init(self.channels, self.height, self.width, device)),
+        };
+        let c = self.num_classes();
+        let model = Classifier {
+            backbone,
+            head: self.head.init(self.backbone.feature_dim(), c, device),
+            eql_pos: buffer(c, device),
+            eql_neg: buffer(c, device),
+        };
+        super::init::reinit(model, seed)
+    }
+
+    /// The checks that need more than one field.
+    pub fn check(&self) -> Result<(), String> {
+        if self.classes.is_empty() {
+            return Err("the model has no classes".into());
+        }
+        if self.class_counts.len() != self.classes.len() {
+            return Err(format!("{} class counts for {} classes", self.class_counts.len(), self.classes.len()));
+        }
+        match &self.backbone {
+            BackboneConfig::Cnn(c) => c.check(),
+            BackboneConfig::Vit(v) => v.check(self.height, self.width),
+        }
+    }
+}
+
+/// A non-trainable [C] vector saved with the weights.
+pub fn buffer<B: Backend>(c: usize, device: &B::Device) -> Param<Tensor<B, 1>> {
+    Param::initialized(ParamId::new(), Tensor::zeros([c], device))
+}
+
+#[derive(Module, Debug)]
+pub enum Backbone<B: Backend> {
+    Cnn(Cnn<B>),
+    Vit(Vit<B>),
+}
+
+#[derive(Module, Debug)]
+pub struct Classifier<B: Backend> {
+    pub backbone: Backbone<B>,
+    pub head: Head<B>,
+    /// EQL running sums of |dL/dz| for samples of each class (buffers, no gradient).
+    pub eql_pos: Param<Tensor<B, 1>>,
+    /// EQL running sums of |dL/dz| for samples of other classes.
+    pub eql_neg: Param<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Classifier<B> {
+    /// [N, C, H, W] -> features [N, d].
+    pub fn features(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        match &self.backbone {
+            Backbone::Cnn(m) => m.forward(x),
+            Backbone::Vit(m) => m.forward(x),
+        }
+    }
+
+    /// Inference logits [N, C].
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        self.head.forward(self.features(x))
+    }
+
+    /// Training logits (ArcFace margins applied to the targets).
+    pub fn forward_train(&self, x: Tensor<B, 4>, labels: Tensor<B, 1, Int>, margins: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+        self.head.forward_train(self.features(x), labels, margins)
+    }
+
+    /// Replace the EQL sums (values are detached: they are statistics, not weights).
+    pub fn set_eql(mut self, pos: Tensor<B, 1>, neg: Tensor<B, 1>) -> Self {
+        self.eql_pos = Param::initialized(self.eql_pos.id, pos.detach());
+        self.eql_neg = Param::initialized(self.eql_neg.id, neg.detach());
+        self
+    }
+}

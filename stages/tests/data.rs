@@ -1,0 +1,369 @@
+//! The data kinds run end to end through their `StageKind` interface: the benchmark's
+//! statistics against its parameters, byte-identical rebuilds, and importing a tiny
+//! folder of PNGs written here, good and bad.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use fgflow_engine::{NoProgress, Params, RunContext, StageError};
+use fgflow_stages::artifact::{self, Band, Noise};
+use fgflow_stages::data::benchmark::long_tail_counts;
+
+fn quickdraw_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/quickdraw")
+}
+
+/// Runs a registered kind with its declared defaults overridden by `params` (what the
+/// engine's validation would hand it), `root` as its one `Path` parameter.
+fn run(kind: &str, params: Params, root: &Path, out: &Path) -> Result<String, StageError> {
+    let registry = fgflow_stages::registry();
+    let kind = registry.get(kind).expect("kind registered");
+    let mut full = Params::default();
+    for spec in kind.params() {
+        if let Some(v) = spec.default {
+            full = full.with(spec.name, v);
+        }
+    }
+    for (k, v) in params.0 {
+        full = full.with(&k, v);
+    }
+    if let Some((field, msg)) = kind.validate(&full).into_iter().next() {
+        return Err(StageError::Param { name: field, msg });
+    }
+    let sources = BTreeMap::from([("root".to_string(), vec![("root".to_string(), root.to_path_buf())])]);
+    let scratch = out.join(".scratch");
+    fs::create_dir_all(&scratch).unwrap();
+    let ctx = RunContext::new("test", full, "flex", BTreeMap::new(), sources, out.to_path_buf(), scratch.clone(), &NoProgress);
+    let result = kind.run(&ctx);
+    fs::remove_dir_all(&scratch).unwrap();
+    result.map(|_| ctx.take_log())
+}
+
+fn describe(kind: &str, output: &str, dir: &Path) -> String {
+    let registry = fgflow_stages::registry();
+    registry.get(kind).unwrap().describe_output(output, dir).expect("a description")
+}
+
+/// Every file under `dir`, relative path -> bytes.
+fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
+        let e = e.unwrap();
+        if e.file_type().is_file() {
+            out.insert(e.path().strip_prefix(dir).unwrap().display().to_string(), fs::read(e.path()).unwrap());
+        }
+    }
+    out
+}
+
+fn bench(seed: i64, extra: Params) -> (tempfile::TempDir, f64) {
+    let out = tempfile::tempdir().unwrap();
+    let mut p = Params::default().with("seed", seed);
+    for (k, v) in extra.0 {
+        p = p.with(&k, v);
+    }
+    let t = Instant::now();
+    run("quickdraw", p, &quickdraw_root(), out.path()).unwrap();
+    (out, t.elapsed().as_secs_f64())
+}
+
+#[test]
+fn benchmark_statistics_match_parameters() {
+    let (out, secs) = bench(7, Params::default());
+    let dir = out.path();
+    let train = artifact::read_labelled_set(&dir.join("train")).unwrap();
+    let val = artifact::read_labelled_set(&dir.join("val")).unwrap();
+    let testa = artifact::read_image_set(&dir.join("testa")).unwrap();
+    let testb = artifact::read_image_set(&dir.join("testb")).unwrap();
+    let truth = artifact::read_ground_truth(&dir.join("truth")).unwrap();
+    let c = 300;
+    assert_eq!(train.n_classes(), c);
+    assert_eq!(truth.open_set_classes.len(), 45);
+    assert!(truth.open_set_classes.iter().all(|o| !truth.classes.contains(o)));
+    assert_eq!((train.images.height, train.images.width, train.images.channels), (28, 28, 1));
+
+    // Long tail: clean per-class counts are exactly the formula, 60 down to 6.
+    let clean: Vec<u32> = truth.train_clean_labels.iter().flatten().copied().collect();
+    let mut counts = artifact::class_counts(&clean, c);
+    counts.sort_unstable_by(|a, b| b.cmp(a));
+    let want = long_tail_counts(60, c, 10.0);
+    assert_eq!(counts, want);
+    assert_eq!((want[0], want[c - 1]), (60, 6));
+    let n_in: usize = want.iter().sum();
+    assert_eq!(clean.len(), n_in);
+
+    // Noise: exact counts, each flag consistent with the labels.
+    let count = |k: Noise| truth.train_noise.iter().filter(|&&x| x == k).count();
+    let n_noisy = (0.2 * n_in as f64).round() as usize;
+    assert_eq!(count(Noise::NearClass), (0.5 * n_noisy as f64).round() as usize);
+    assert_eq!(count(Noise::Uniform) + count(Noise::NearClass), n_noisy);
+    let n_open = count(Noise::OpenSet);
+    assert_eq!(n_open, (0.1 * n_in as f64 / 0.9).round() as usize);
+    assert_eq!(train.images.n, n_in + n_open);
+    let open_rate = n_open as f64 / train.images.n as f64;
+    assert!((open_rate - 0.1).abs() < 0.001, "open-set rate {open_rate}");
+    for (i, noise) in truth.train_noise.iter().enumerate() {
+        let (given, truth_label) = (train.labels[i], truth.train_clean_labels[i]);
+        match noise {
+            Noise::Clean => assert_eq!(Some(given), truth_label),
+            Noise::Uniform => assert_ne!(Some(given), truth_label),
+            Noise::NearClass => assert_eq!(given, truth.near_class[truth_label.unwrap() as usize]),
+            Noise::OpenSet => assert!(truth_label.is_none()),
+        }
+    }
+    assert!(truth.near_class.iter().enumerate().all(|(c, &n)| n as usize != c));
+
+    // Validation and test sets: balanced, the asked sizes, no image in two sets.
+    assert!(artifact::class_counts(&val.labels, c).iter().all(|&n| n == 10));
+    assert!(artifact::class_counts(&truth.testa_labels, c).iter().all(|&n| n == 15));
+    assert!(artifact::class_counts(&truth.testb_labels, c).iter().all(|&n| n == 15));
+    assert_eq!((testa.n, testb.n), (4500, 4500));
+    let mut seen = BTreeSet::new();
+    for s in truth.train_sources.iter().chain(&truth.val_sources).chain(&truth.testa_sources).chain(&truth.testb_sources) {
+        assert!(seen.insert(s.clone()), "{s} in two sets");
+    }
+    // Ids give nothing away.
+    assert!(train.images.ids.iter().all(|id| id.starts_with("train/")));
+    assert!(testa.ids.iter().all(|id| id.starts_with("testa/")));
+
+    // Bands by given-label counts: 100 classes each.
+    let bands = artifact::head_middle_tail(&artifact::class_counts(&train.labels, c));
+    for b in Band::ALL {
+        assert_eq!(bands.iter().filter(|&&x| x == b).count(), 100);
+    }
+
+    let wrong = train.images.n - count(Noise::Clean);
+    eprintln!(
+        "benchmark (seed 7): built in {secs:.2}s; train {} = {n_in} in-vocabulary + {n_open} open-set; \
+         uniform {} near {} open {}; wrong labels {wrong} ({:.1}%); val {}; test A {}; test B {}",
+        train.images.n,
+        count(Noise::Uniform),
+        count(Noise::NearClass),
+        n_open,
+        100.0 * wrong as f64 / train.images.n as f64,
+        val.images.n,
+        testa.n,
+        testb.n
+    );
+
+    let shown = describe("quickdraw", "truth", &dir.join("truth"));
+    assert!(shown.contains("open_set") && shown.contains("head"), "{shown}");
+    eprintln!("{shown}");
+    let shown = describe("quickdraw", "train", &dir.join("train"));
+    assert!(shown.contains("tail"), "{shown}");
+    eprintln!("{shown}");
+}
+
+#[test]
+fn benchmark_rebuild_is_byte_identical() {
+    let (a, _) = bench(11, Params::default());
+    let (b, _) = bench(11, Params::default());
+    let (fa, fb) = (files(a.path()), files(b.path()));
+    assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>());
+    assert_eq!(fa.len(), 10, "{:?}", fa.keys());
+    for (name, bytes) in &fa {
+        assert!(bytes == &fb[name], "{name} differs between two builds");
+    }
+    let (c, _) = bench(12, Params::default());
+    assert_ne!(fa["train/images.safetensors"], files(c.path())["train/images.safetensors"]);
+}
+
+#[test]
+fn noise_parameters_do_not_move_evaluation_images() {
+    let (a, _) = bench(5, Params::default());
+    let (b, _) = bench(5, Params::default().with("noise", 0.4).with("open_set", 0.2).with("imbalance", 20.0));
+    let (fa, fb) = (files(a.path()), files(b.path()));
+    for name in ["val/images.safetensors", "testa/images.safetensors", "testb/images.safetensors"] {
+        assert!(fa[name] == fb[name], "{name} changed with the noise parameters");
+    }
+    assert_ne!(fa["train/images.safetensors"], fb["train/images.safetensors"]);
+}
+
+#[test]
+fn benchmark_rejects_impossible_configs() {
+    let out = tempfile::tempdir().unwrap();
+    let err = run("quickdraw", Params::default().with("seed", 1).with("noise", 1.5), &quickdraw_root(), out.path()).unwrap_err();
+    assert!(err.to_string().contains("noise"), "{err}");
+    let err = run("quickdraw", Params::default().with("seed", 1).with("train_max", 80), &quickdraw_root(), out.path()).unwrap_err();
+    assert!(err.to_string().contains("drawings per class"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------
+// Import.
+
+fn png(path: &Path, w: u32, h: u32, shade: u8) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([shade, (x * 10) as u8, (y * 10) as u8]));
+    img.save(path).unwrap();
+}
+
+fn gray_png(path: &Path, w: u32, h: u32, shade: u8) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    image::GrayImage::from_pixel(w, h, image::Luma([shade])).save(path).unwrap();
+}
+
+/// train/cat: 3 images, train/dog: 2 (one of them grayscale, one not square),
+/// testa: 2, testb: 1, plus a stray text file.
+fn tiny_folder() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path();
+    for i in 0..3 {
+        png(&r.join(format!("train/cat/{i}.png")), 10, 10, 200);
+    }
+    gray_png(&r.join("train/dog/a.png"), 10, 10, 50);
+    png(&r.join("train/dog/b.PNG"), 16, 10, 90);
+    png(&r.join("testa/x.png"), 10, 10, 1);
+    png(&r.join("testa/sub/y.png"), 12, 12, 2);
+    png(&r.join("testb/z.png"), 10, 10, 3);
+    fs::write(r.join("train/cat/notes.txt"), "not an image").unwrap();
+    d
+}
+
+fn import(root: &Path, params: Params) -> Result<(tempfile::TempDir, String), StageError> {
+    let out = tempfile::tempdir().unwrap();
+    let log = run("import_folder", params, root, out.path())?;
+    Ok((out, log))
+}
+
+#[test]
+fn import_folder_layout() {
+    let src = tiny_folder();
+    let (out, log) = import(src.path(), Params::default().with("size", 8).with("channels", 1).with("val_per_class", 1)).unwrap();
+    let train = artifact::read_labelled_set(&out.path().join("train")).unwrap();
+    let val = artifact::read_labelled_set(&out.path().join("val")).unwrap();
+    let testa = artifact::read_image_set(&out.path().join("testa")).unwrap();
+    let testb = artifact::read_image_set(&out.path().join("testb")).unwrap();
+    assert_eq!(train.images.classes, vec!["cat", "dog"]);
+    assert_eq!((train.images.n, val.images.n), (3, 2));
+    assert_eq!(artifact::class_counts(&train.labels, 2), vec![2, 1]);
+    assert_eq!(artifact::class_counts(&val.labels, 2), vec![1, 1]);
+    assert_eq!((train.images.height, train.images.width, train.images.channels), (8, 8, 1));
+    assert_eq!(testa.ids, vec!["testa/sub/y.png", "testa/x.png"]);
+    assert_eq!(testb.n, 1);
+    let mut all_ids: Vec<String> = train.images.ids.iter().chain(&val.images.ids).cloned().collect();
+    all_ids.sort();
+    assert_eq!(all_ids, vec!["train/cat/0.png", "train/cat/1.png", "train/cat/2.png", "train/dog/a.png", "train/dog/b.PNG"]);
+    // The gray dog keeps its shade after the resize.
+    let i = train.images.ids.iter().chain(&val.images.ids).position(|id| id == "train/dog/a.png").unwrap();
+    let px = if i < train.images.n { train.images.image(i) } else { val.images.image(i - train.images.n) };
+    assert!(px.iter().all(|&p| p == 50), "{px:?}");
+    assert!(log.contains("ignored 1 files"), "{log}");
+    assert!(describe("import_folder", "train", &out.path().join("train")).contains("1 non-image files ignored"));
+
+    // RGB from a grayscale file replicates the channel; twice gives the same bytes.
+    let (rgb, _) = import(src.path(), Params::default().with("size", 4).with("val_per_class", 0)).unwrap();
+    let t = artifact::read_labelled_set(&rgb.path().join("train")).unwrap();
+    assert_eq!(t.images.channels, 3);
+    let i = t.images.ids.iter().position(|id| id == "train/dog/a.png").unwrap();
+    assert!(t.images.image(i).iter().all(|&p| p == 50));
+    let (again, _) = import(src.path(), Params::default().with("size", 4).with("val_per_class", 0)).unwrap();
+    assert_eq!(files(rgb.path()), files(again.path()));
+}
+
+#[test]
+fn import_with_annotation_lists() {
+    let src = tiny_folder();
+    let r = src.path();
+    fs::write(r.join("names.txt"), "cat\ndog\nbird\n").unwrap();
+    fs::write(r.join("train.txt"), "# path index\ntrain/cat/0.png 0\ntrain/dog/b.PNG 1\n\ntrain/cat/1.png 2\n").unwrap();
+    fs::write(r.join("testa.txt"), "testa/x.png\n").unwrap();
+    let p =
+        Params::default().with("size", 6).with("classes", "names.txt").with("train_list", "train.txt").with("testa_list", "testa.txt").with("val_per_class", 0);
+    let (out, log) = import(r, p).unwrap();
+    let train = artifact::read_labelled_set(&out.path().join("train")).unwrap();
+    assert_eq!(train.images.classes, vec!["cat", "dog", "bird"]);
+    assert_eq!(train.labels, vec![0, 1, 2]);
+    assert_eq!(train.images.ids, vec!["train/cat/0.png", "train/dog/b.PNG", "train/cat/1.png"]);
+    assert_eq!(artifact::read_image_set(&out.path().join("testa")).unwrap().n, 1);
+    assert_eq!(artifact::read_image_set(&out.path().join("testb")).unwrap().n, 1);
+    assert!(!log.contains("no training image"), "{log}");
+}
+
+fn error_of(root: &Path, params: Params) -> String {
+    match import(root, params) {
+        Ok(_) => panic!("import should fail"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn corrupt_image_is_an_error_naming_the_file() {
+    let src = tiny_folder();
+    fs::write(src.path().join("train/cat/broken.png"), b"\x89PNG\r\n\x1a\nthis is not a png").unwrap();
+    let err = error_of(src.path(), Params::default());
+    assert!(err.contains("train/cat/broken.png") && err.contains("not a readable image"), "{err}");
+}
+
+#[test]
+fn missing_listed_file_is_an_error_naming_list_line_and_file() {
+    let src = tiny_folder();
+    fs::write(src.path().join("train.txt"), "train/cat/0.png 0\ntrain/cat/gone.png 0\n").unwrap();
+    let err = error_of(src.path(), Params::default().with("train_list", "train.txt"));
+    assert!(err.contains("train.txt:2") && err.contains("gone.png") && err.contains("cannot read"), "{err}");
+}
+
+#[test]
+fn wrong_class_index_is_an_error_naming_the_line() {
+    let src = tiny_folder();
+    fs::write(src.path().join("train.txt"), "train/cat/0.png 0\ntrain/cat/1.png 7\n").unwrap();
+    let err = error_of(src.path(), Params::default().with("train_list", "train.txt"));
+    assert!(err.contains("train.txt:2") && err.contains("class index 7 out of range (2 classes"), "{err}");
+    fs::write(src.path().join("train.txt"), "train/cat/0.png cat\n").unwrap();
+    let err = error_of(src.path(), Params::default().with("train_list", "train.txt"));
+    assert!(err.contains("train.txt:1") && err.contains("`cat` is not a non-negative integer"), "{err}");
+    fs::write(src.path().join("train.txt"), "../outside.png 0\n").unwrap();
+    let err = error_of(src.path(), Params::default().with("train_list", "train.txt"));
+    assert!(err.contains("train.txt:1") && err.contains("not relative"), "{err}");
+}
+
+#[test]
+fn empty_class_folder_is_an_error_naming_it() {
+    let src = tiny_folder();
+    fs::create_dir_all(src.path().join("train/emu")).unwrap();
+    fs::write(src.path().join("train/emu/readme.md"), "no images").unwrap();
+    let err = error_of(src.path(), Params::default());
+    assert!(err.contains("train/emu") && err.contains("empty class folder"), "{err}");
+}
+
+#[test]
+fn mixed_sizes_without_resize_is_an_error_naming_the_file() {
+    let src = tiny_folder();
+    // Everything is 10x10 except dog/b.PNG (16x10) and testa/sub/y.png (12x12).
+    let err = error_of(src.path(), Params::default().with("size", 10).with("resize", "none"));
+    assert!(err.contains("train/dog/b.PNG") && err.contains("is 16x10, expected 10x10"), "{err}");
+}
+
+#[test]
+fn skip_mode_leaves_bad_images_out_and_counts_them() {
+    let src = tiny_folder();
+    let r = src.path();
+    fs::write(r.join("train/cat/broken.png"), b"garbage").unwrap();
+    fs::write(r.join("train/dog/broken.jpg"), b"").unwrap();
+    fs::create_dir_all(r.join("train/emu")).unwrap();
+    fs::write(r.join("testb/bad.png"), b"nope").unwrap();
+    let (out, log) = import(r, Params::default().with("size", 10).with("resize", "none").with("on_bad_image", "skip").with("val_per_class", 0)).unwrap();
+    let train = artifact::read_labelled_set(&out.path().join("train")).unwrap();
+    // cat: 3 good; dog: a.png good, b.PNG wrong size, broken.jpg; emu: empty.
+    assert_eq!(train.images.n, 4);
+    assert_eq!(train.images.classes, vec!["cat", "dog", "emu"]);
+    let report: serde_json::Value = serde_json::from_slice(&fs::read(out.path().join("train/import_report.json")).unwrap()).unwrap();
+    assert_eq!(report["skipped"].as_array().unwrap().len(), 4, "{report}");
+    assert_eq!(report["empty_classes"], serde_json::json!(["emu"]));
+    let testa = artifact::read_image_set(&out.path().join("testa")).unwrap();
+    assert_eq!(testa.ids, vec!["testa/x.png"]);
+    let testb = artifact::read_image_set(&out.path().join("testb")).unwrap();
+    assert_eq!(testb.n, 1);
+    assert!(log.contains("train: skipped 4 bad entries"), "{log}");
+    assert!(log.contains("testb: skipped 1 bad entries"), "{log}");
+    let shown = describe("import_folder", "train", &out.path().join("train"));
+    assert!(shown.contains("4 bad entries skipped") && shown.contains("1 classes without images"), "{shown}");
+}
+
+#[test]
+fn import_params_are_validated() {
+    let src = tiny_folder();
+    let err = error_of(src.path(), Params::default().with("channels", 2));
+    assert!(err.contains("channels") && err.contains("1 or 3"), "{err}");
+}
