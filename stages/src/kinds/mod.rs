@@ -3,10 +3,13 @@
 use fgflow_engine::Registry;
 
 mod command;
+mod ensemble;
 mod evaluate;
 mod import;
 mod predict;
+mod pseudo_label;
 mod quickdraw;
+mod redistribute;
 mod train;
 
 pub(crate) fn register_all(r: &mut Registry) {
@@ -16,4 +19,7 @@ pub(crate) fn register_all(r: &mut Registry) {
     r.register(train::Train);
     r.register(predict::Predict);
     r.register(evaluate::Evaluate);
+    r.register(ensemble::Ensemble);
+    r.register(pseudo_label::PseudoLabel);
+    r.register(redistribute::Redistribute);
 }
