@@ -89,11 +89,12 @@ impl App {
     }
 
     /// Resolve and hash the pipeline's `Path` parameters through the stat cache.
-    pub fn sources(&self, p: &Pipeline) -> Result<fgflow_engine::Sources, CliError> {
+    /// Also returns what hashing cost (files from the stat cache vs read).
+    pub fn sources(&self, p: &Pipeline) -> Result<(fgflow_engine::Sources, fgflow_cache::HashCounts), CliError> {
         let mut stat = fgflow_cache::StatCache::load(self.store.root().join("stat-cache.json"));
         let sources = fgflow_engine::resolve_sources(p, &mut stat).map_err(CliError::Spec)?;
         stat.save()?;
-        Ok(sources)
+        Ok((sources, stat.counts))
     }
 }
 

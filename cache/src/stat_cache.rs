@@ -14,9 +14,11 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Digest;
 use crate::store::{CacheError, Result, io_err};
 
-/// An mtime within this window of the recording time is "racy": the file could have
-/// been rewritten within the same timestamp tick after we hashed it.
-const RACY_NS: i128 = 2_000_000_000;
+/// An mtime within this window of the recording time is "racy" (git's term): the file
+/// could have been rewritten within the same timestamp tick after we hashed it. File
+/// timestamps come from the kernel's coarse clock (a few ms per tick), so 50 ms is a
+/// wide margin that still trusts a file hashed right after a `touch` on the next run.
+const RACY_NS: i128 = 50_000_000;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Stat {

@@ -199,7 +199,9 @@ impl Store {
 
     fn write_json<T: Serialize>(&self, dest: &Path, value: &T) -> Result<()> {
         let mut tmp = self.temp_file()?;
-        serde_json::to_writer_pretty(&mut tmp, value).map_err(|source| CacheError::Json { path: dest.to_path_buf(), source })?;
+        // One write(2): serialising straight into the unbuffered file costs hundreds.
+        let bytes = serde_json::to_vec_pretty(value).map_err(|source| CacheError::Json { path: dest.to_path_buf(), source })?;
+        tmp.write_all(&bytes).map_err(io_err(dest))?;
         if std::env::var_os("FGFLOW_FSYNC").is_some() {
             tmp.as_file().sync_all().map_err(io_err(dest))?;
         }

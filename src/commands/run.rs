@@ -54,19 +54,29 @@ struct Summary {
     failed: usize,
     skipped: usize,
     duration_ms: u64,
+    /// Source files whose digest came from the stat cache / were read and hashed.
+    sources_cached: u64,
+    sources_hashed: u64,
+    bytes_hashed: u64,
 }
 
 pub fn run(app: &App, a: Args) -> CliResult {
     let started = Instant::now();
     let p = app.load(&a.pipeline)?;
     app.remember(&a.pipeline);
-    let sources = app.sources(&p)?;
+    let (sources, hashing) = app.sources(&p)?;
     let backend = app.backend(a.backend, &p);
     let width = p.stages.iter().map(|s| s.name.len()).max().unwrap_or(8);
     let console = Console::new(!a.json, width);
     let opts = RunOptions { jobs: a.jobs.max(1), fail_fast: a.fail_fast, backend };
     let results = fgflow_engine::run(&p, &app.store, &app.registry, &sources, &opts, &console)?;
-    let mut sum = Summary { duration_ms: started.elapsed().as_millis() as u64, ..Default::default() };
+    let mut sum = Summary {
+        duration_ms: started.elapsed().as_millis() as u64,
+        sources_cached: hashing.cached,
+        sources_hashed: hashing.hashed,
+        bytes_hashed: hashing.bytes_hashed,
+        ..Default::default()
+    };
     for r in &results {
         match r.status {
             Outcome::Ran => sum.ran += 1,

@@ -18,7 +18,7 @@ pub struct Args {
 
 pub fn plan(app: &App, pipeline: &std::path::Path, backend: Option<String>) -> Result<(fgflow_engine::Pipeline, Vec<Planned>), crate::app::CliError> {
     let p = app.load(pipeline)?;
-    let sources = app.sources(&p)?;
+    let (sources, _) = app.sources(&p)?;
     let backend = app.backend(backend, &p);
     let planned = fgflow_engine::plan(&p, &app.store, &sources, &backend)?;
     Ok((p, planned))
