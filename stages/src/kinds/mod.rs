@@ -10,6 +10,7 @@ mod predict;
 mod pseudo_label;
 mod quickdraw;
 mod redistribute;
+mod report;
 mod train;
 
 pub(crate) fn register_all(r: &mut Registry) {
@@ -22,4 +23,5 @@ pub(crate) fn register_all(r: &mut Registry) {
     r.register(ensemble::Ensemble);
     r.register(pseudo_label::PseudoLabel);
     r.register(redistribute::Redistribute);
+    r.register(report::Report);
 }
