@@ -74,6 +74,11 @@ enum State {
 struct Shared {
     states: Vec<State>,
     results: Vec<Option<StageResult>>,
+    /// Per stage: upstream stages not done yet.
+    missing: Vec<usize>,
+    /// Stages whose upstream is all done, by position (= file order among equals).
+    ready: std::collections::BTreeSet<usize>,
+    running: usize,
     stop: bool,
 }
 
@@ -82,54 +87,39 @@ pub fn run(p: &Pipeline, store: &Store, registry: &Registry, sources: &Sources, 
     let _lock = store.lock_shared()?;
     let mut refs = plan::load_refs(store, &p.file)?;
     let n = p.stages.len();
-    let shared = Mutex::new(Shared { states: (0..n).map(|_| State::Waiting).collect(), results: (0..n).map(|_| None).collect(), stop: false });
+    let upstream: Vec<Vec<usize>> = p.stages.iter().map(|s| s.upstream().iter().filter_map(|u| p.position(u)).collect()).collect();
+    let mut downstream: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, ups) in upstream.iter().enumerate() {
+        for &u in ups {
+            downstream[u].push(i);
+        }
+    }
+    let missing: Vec<usize> = upstream.iter().map(Vec::len).collect();
+    let ready = (0..n).filter(|&i| missing[i] == 0).collect();
+    let shared = Mutex::new(Shared { states: (0..n).map(|_| State::Waiting).collect(), results: (0..n).map(|_| None).collect(), missing, ready, running: 0, stop: false });
     let wake = Condvar::new();
     let heavy = Mutex::new(());
-    let upstream: Vec<Vec<usize>> = p.stages.iter().map(|s| s.upstream().iter().filter_map(|u| p.position(u)).collect()).collect();
     let refs_before = refs.stages.clone();
     let empty = BTreeMap::new();
 
     let worker = || loop {
-        // Pick the first waiting stage whose upstream is done; settle the ones that can never run.
+        // Take the first ready stage (file order); a stage becomes ready when its last
+        // upstream stage is done, so picking is O(log n), not a scan of the pipeline.
         let (i, upstream_outputs) = {
             let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
             loop {
-                let mut picked = None;
-                let mut any_running = false;
-                for i in 0..n {
-                    match g.states[i] {
-                        State::Running => any_running = true,
-                        State::Waiting => {
-                            let blocked = upstream[i].iter().find(|&&u| matches!(g.states[u], State::Failed | State::Skipped));
-                            if let Some(&u) = blocked {
-                                let because = format!("upstream `{}` did not complete", p.stages[u].name);
-                                settle(&mut g, i, &p.stages[i].name, Outcome::Skipped, because, obs);
-                                continue;
-                            }
-                            if g.stop {
-                                settle(&mut g, i, &p.stages[i].name, Outcome::Skipped, "--fail-fast: an earlier stage failed".into(), obs);
-                                continue;
-                            }
-                            if picked.is_none() && upstream[i].iter().all(|&u| matches!(g.states[u], State::Done(_))) {
-                                picked = Some(i);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                if let Some(i) = picked {
+                if let Some(i) = g.ready.pop_first() {
                     g.states[i] = State::Running;
+                    g.running += 1;
                     let outs: HashMap<String, BTreeMap<String, Digest>> = upstream[i]
                         .iter()
                         .filter_map(|&u| if let State::Done(o) = &g.states[u] { Some((p.stages[u].name.clone(), o.clone())) } else { None })
                         .collect();
                     break (i, outs);
                 }
-                if !any_running && g.states.iter().all(|s| !matches!(s, State::Waiting)) {
+                if g.running == 0 {
+                    // Nothing ready, nothing running: every stage is settled.
                     wake.notify_all();
-                    return;
-                }
-                if !any_running && !g.states.iter().any(|s| matches!(s, State::Waiting)) {
                     return;
                 }
                 g = wake.wait(g).unwrap_or_else(|e| e.into_inner());
@@ -141,16 +131,37 @@ pub fn run(p: &Pipeline, store: &Store, registry: &Registry, sources: &Sources, 
         let stage_sources = sources.get(&stage.name).unwrap_or(&empty);
         let outcome = execute_one(store, registry, p, i, key, fp, stage_sources, origins, refs_before.get(&stage.name), opts, obs, &heavy);
         let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
+        g.running -= 1;
         match outcome {
             Ok((result, outputs)) => {
                 g.states[i] = State::Done(outputs);
                 g.results[i] = Some(result);
+                for &d in &downstream[i] {
+                    g.missing[d] -= 1;
+                    if g.missing[d] == 0 && matches!(g.states[d], State::Waiting) && !g.stop {
+                        g.ready.insert(d);
+                    }
+                }
             }
             Err(result) => {
                 g.states[i] = State::Failed;
                 g.results[i] = Some(result);
+                // Everything downstream can never run.
+                let mut stack: Vec<(usize, usize)> = downstream[i].iter().map(|&d| (d, i)).collect();
+                while let Some((d, because)) = stack.pop() {
+                    if matches!(g.states[d], State::Waiting) {
+                        let why = format!("upstream `{}` did not complete", p.stages[because].name);
+                        settle(&mut g, d, &p.stages[d].name, Outcome::Skipped, why, obs);
+                        stack.extend(downstream[d].iter().map(|&x| (x, d)));
+                    }
+                }
                 if opts.fail_fast {
                     g.stop = true;
+                    let waiting: Vec<usize> = (0..n).filter(|&j| matches!(g.states[j], State::Waiting)).collect();
+                    for j in waiting {
+                        g.ready.remove(&j);
+                        settle(&mut g, j, &p.stages[j].name, Outcome::Skipped, "--fail-fast: an earlier stage failed".into(), obs);
+                    }
                 }
             }
         }
