@@ -2,6 +2,7 @@
 
 use fgflow_engine::Registry;
 
+mod clean;
 mod command;
 mod ensemble;
 mod evaluate;
@@ -11,6 +12,7 @@ mod pseudo_label;
 mod quickdraw;
 mod redistribute;
 mod report;
+mod soup;
 mod train;
 
 pub(crate) fn register_all(r: &mut Registry) {
@@ -24,4 +26,6 @@ pub(crate) fn register_all(r: &mut Registry) {
     r.register(pseudo_label::PseudoLabel);
     r.register(redistribute::Redistribute);
     r.register(report::Report);
+    r.register(soup::Soup);
+    r.register(clean::Clean);
 }

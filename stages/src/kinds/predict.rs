@@ -67,6 +67,27 @@ impl StageKind for Predict {
         }
     }
 
+    fn describe_output(&self, output: &str, dir: &std::path::Path) -> Option<String> {
+        if output != "predictions" {
+            return None;
+        }
+        let p = Predictions::read(dir).ok()?;
+        let n = p.n().max(1) as f64;
+        let mean_top: f64 = (0..p.n()).map(|i| p.probs_row(i).iter().copied().fold(0f32, f32::max) as f64).sum::<f64>() / n;
+        let mut predicted = vec![0usize; p.num_classes()];
+        for k in p.top1() {
+            predicted[k] += 1;
+        }
+        let empty = predicted.iter().filter(|&&c| c == 0).count();
+        Some(format!(
+            "{} images x {} classes; mean top probability {:.3}; {} classes never predicted",
+            p.n(),
+            p.num_classes(),
+            mean_top,
+            empty
+        ))
+    }
+
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         let images = match (ctx.has_input("images"), ctx.has_input("labelled")) {
             (true, false) => artifact::read_image_set(ctx.input("images")?)?,

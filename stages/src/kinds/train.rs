@@ -41,6 +41,15 @@ fn param_err(name: &str, msg: impl Into<String>) -> StageError {
     StageError::Param { name: name.into(), msg: msg.into() }
 }
 
+// Written as positive checks so NaN fails them.
+fn positive(x: f64) -> bool {
+    x > 0.0
+}
+
+fn non_negative(x: f64) -> bool {
+    x >= 0.0
+}
+
 fn settings(p: &Params) -> Result<Settings, StageError> {
     let backbone = match p.str("backbone")? {
         "cnn" => {
@@ -67,10 +76,10 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
                     return Err(param_err(name, "must be at least 1"));
                 }
             }
-            if v.dim % v.heads != 0 {
+            if !v.dim.is_multiple_of(v.heads) {
                 return Err(param_err("vit_heads", format!("vit_dim {} is not divisible by vit_heads {}", v.dim, v.heads)));
             }
-            if !(v.mlp_ratio > 0.0) {
+            if !positive(v.mlp_ratio) {
                 return Err(param_err("vit_mlp_ratio", "must be positive"));
             }
             BackboneConfig::Vit(v)
@@ -108,7 +117,7 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
                 other => return Err(param_err("eql_indicator", format!("unknown indicator `{other}`"))),
             };
             let eps = p.float("eql_eps")?;
-            if !(eps > 0.0) {
+            if !positive(eps) {
                 return Err(param_err("eql_eps", "must be positive"));
             }
             LossConfig::Eql { tau: p.float("eql_tau")?, eps, indicator }
@@ -138,13 +147,13 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
     if train.batch_size < 2 {
         return Err(param_err("batch_size", "must be at least 2 (BatchNorm needs two samples)"));
     }
-    if !(train.lr > 0.0) || !(train.min_lr >= 0.0) {
+    if !positive(train.lr) || !non_negative(train.min_lr) {
         return Err(param_err("lr", "lr must be positive and min_lr non-negative"));
     }
     if !(0.0..1.0).contains(&train.label_smoothing) {
         return Err(param_err("label_smoothing", "must be in [0, 1)"));
     }
-    if !(train.warmup_epochs >= 0.0) || !(train.weight_decay >= 0.0) {
+    if !non_negative(train.warmup_epochs) || !non_negative(train.weight_decay) {
         return Err(param_err("warmup_epochs", "warmup_epochs and weight_decay must be non-negative"));
     }
     Ok(Settings { backbone, head, logit_adjust, loss, train, keep_checkpoints: p.usize("keep_checkpoints")? })
@@ -224,6 +233,24 @@ impl StageKind for Train {
             Ok(_) => Vec::new(),
             Err(StageError::Param { name, msg }) => vec![(name, msg)],
             Err(e) => vec![("params".into(), e.to_string())],
+        }
+    }
+
+    fn describe_output(&self, output: &str, dir: &Path) -> Option<String> {
+        match output {
+            "log" => std::fs::read_to_string(dir.join("log.txt")).ok(),
+            "model" => checkpoint::read_config(dir).ok().map(|c| describe_model(&c)),
+            "checkpoints" => checkpoint::read_index(dir).ok().map(|entries| {
+                let list: Vec<String> = entries
+                    .iter()
+                    .map(|(e, _)| match e.val_acc {
+                        Some(v) => format!("epoch {} (val {:.2}%)", e.epoch, 100.0 * v),
+                        None => format!("epoch {}", e.epoch),
+                    })
+                    .collect();
+                format!("{} checkpoints: {}", list.len(), list.join(", "))
+            }),
+            _ => None,
         }
     }
 
@@ -358,6 +385,29 @@ impl<B: burn::tensor::backend::Backend> TrainObserver<B> for Observer<'_, '_> {
         }
         checkpoint::write_index(&self.dir, &self.kept)
     }
+}
+
+/// One paragraph about a model artifact (also used by `show` on checkpoints' models).
+pub(crate) fn describe_model(c: &ModelConfig) -> String {
+    let backbone = match &c.backbone {
+        BackboneConfig::Cnn(b) => format!("CNN widths {:?} x{} blocks", b.widths, b.blocks),
+        BackboneConfig::Vit(v) => format!("ViT patch {} dim {} depth {} heads {} mlp {}", v.patch, v.dim, v.depth, v.heads, v.mlp_ratio),
+    };
+    let head = match (&c.head, c.logit_adjust) {
+        (HeadConfig::ArcFace { k, s }, _) => format!("sub-centre ArcFace k={k} s={s}"),
+        (HeadConfig::Linear, Some(la)) => format!("linear, logit-adjusted tau={} ({:?})", la.tau, la.mode),
+        (HeadConfig::Linear, None) => "linear".to_string(),
+    };
+    format!(
+        "{backbone}; head {head}; loss {:?}; {} classes; {}x{}x{} images; {} training samples; epoch {}",
+        c.loss,
+        c.num_classes(),
+        c.height,
+        c.width,
+        c.channels,
+        c.class_counts.iter().sum::<u64>(),
+        c.epoch
+    )
 }
 
 fn format_epoch(l: &EpochLog) -> String {

@@ -15,11 +15,6 @@ use fgflow_engine::StageError;
 /// Every backend name the engine may pass, whether or not it is compiled in.
 pub const BACKENDS: &[&str] = &["flex", "ndarray", "wgpu", "cuda"];
 
-/// The CPU backend used when a run does not name one. Chosen by measurement
-/// (see `examples/backend_speed.rs`): flex trains the small models several times
-/// faster than ndarray on this machine's CPUs.
-pub const DEFAULT_BACKEND: &str = "flex";
-
 /// Work to run on whichever backend the run selected.
 pub trait BackendJob {
     type Output;
@@ -86,11 +81,13 @@ fn probe<B: burn::tensor::backend::Backend>(name: &'static str, device: &B::Devi
     let mut probed = PROBED.lock().unwrap_or_else(|p| p.into_inner());
     let ok = *probed.entry(name).or_insert_with(|| {
         let device = device.clone();
-        std::panic::catch_unwind(move || {
+        // AssertUnwindSafe: nothing shared is observed after a panic; the probe's
+        // tensors are dropped with the unwound frame.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
             let t = burn::tensor::Tensor::<B, 1>::ones([4], &device);
             let v = t.sum().into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
             v.first().copied() == Some(4.0)
-        })
+        }))
         .unwrap_or(false)
     });
     if ok { Ok(()) } else { Err(StageError::failed(format!("backend `{name}` is not usable: {why}"))) }
@@ -121,6 +118,26 @@ mod tests {
     fn wgpu_without_feature_is_a_clear_error() {
         let err = dispatch("wgpu", Name).unwrap_err().to_string();
         assert!(err.contains("built without the `wgpu` feature"), "{err}");
+    }
+
+    /// With the feature compiled in, a machine without the hardware gives an error,
+    /// not a panic (on a machine with it, the job runs).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_feature_never_panics() {
+        match dispatch("cuda", Name) {
+            Ok(name) => eprintln!("cuda available: {name}"),
+            Err(e) => assert!(e.to_string().contains("backend `cuda` is not usable"), "{e}"),
+        }
+    }
+
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn wgpu_feature_never_panics() {
+        match dispatch("wgpu", Name) {
+            Ok(name) => eprintln!("wgpu available: {name}"),
+            Err(e) => assert!(e.to_string().contains("backend `wgpu` is not usable"), "{e}"),
+        }
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -16,6 +16,7 @@ pub mod init;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod norm;
 pub mod optim;
 pub mod predictions;
 pub mod schedule;

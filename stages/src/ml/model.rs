@@ -109,6 +109,9 @@ pub fn buffer<B: Backend>(c: usize, device: &B::Device) -> Param<Tensor<B, 1>> {
     Param::initialized(ParamId::new(), Tensor::zeros([c], device))
 }
 
+// One per model, so the size difference between variants costs nothing worth a Box
+// (which burn's Module derive does not see through).
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Backbone<B: Backend> {
     Cnn(Cnn<B>),

@@ -34,7 +34,7 @@ impl<B: burn::tensor::backend::Backend> ModuleVisitor<B> for Groups {
         let exempt = name == "bias"
             || name == "cls_token"
             || name == "pos_embed"
-            || holder.ends_with(":BatchNorm")
+            || holder.contains("BatchNorm")
             || holder.ends_with(":LayerNorm")
             || D == 1; // any other vector (norm scales under other names) is not a weight matrix
         if exempt { self.no_decay.push(param.id) } else { self.decay.push(param.id) }

@@ -35,13 +35,13 @@ impl VitConfig {
         if self.patch == 0 || self.dim == 0 || self.depth == 0 || self.heads == 0 {
             return Err("vit patch, dim, depth and heads must be positive".into());
         }
-        if self.dim % self.heads != 0 {
+        if !self.dim.is_multiple_of(self.heads) {
             return Err(format!("vit dim {} must be divisible by heads {}", self.dim, self.heads));
         }
         if height < self.patch || width < self.patch {
             return Err(format!("vit patch {} is larger than the {height}x{width} images", self.patch));
         }
-        if !(self.mlp_ratio > 0.0) {
+        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 {
             return Err("vit mlp_ratio must be positive".into());
         }
         Ok(())
