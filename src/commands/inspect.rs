@@ -116,8 +116,9 @@ pub fn ls(app: &App, a: LsArgs) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn show(app: &App, a: ShowArgs) -> CliResult {
-    let e = resolve(app, &a.target, a.pipeline)?;
+/// Each output of an entry with its size and the kind's summary of it: the listing
+/// text and the summaries by output name.
+pub fn describe(app: &App, e: &Entry) -> Result<(String, serde_json::Map<String, serde_json::Value>), CliError> {
     let kind = app.registry.get(&e.kind).cloned();
     let tmp = app.store.tempdir("show-")?;
     let mut summaries = serde_json::Map::new();
@@ -136,6 +137,12 @@ pub fn show(app: &App, a: ShowArgs) -> CliResult {
             }
         }
     }
+    Ok((outputs, summaries))
+}
+
+pub fn show(app: &App, a: ShowArgs) -> CliResult {
+    let e = resolve(app, &a.target, a.pipeline)?;
+    let (outputs, summaries) = describe(app, &e)?;
     let log = match e.log {
         Some(d) => String::from_utf8_lossy(&app.store.read_blob(&d)?).into_owned(),
         None => String::new(),

@@ -27,6 +27,9 @@ pub struct Args {
     /// Print one JSON object (the schema is in the README) instead of lines.
     #[arg(long)]
     pub json: bool,
+    /// Do not print the summaries of the final stages (those nothing else reads).
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 fn default_jobs() -> usize {
@@ -90,6 +93,19 @@ pub fn run(app: &App, a: Args) -> CliResult {
         let doc = serde_json::json!({ "pipeline": a.pipeline, "stages": stages, "summary": sum });
         out(&format!("{}\n", serde_json::to_string_pretty(&doc).unwrap_or_default()))?;
     } else {
+        // The final results: what the stages nothing else reads produced (the
+        // evaluations of quick.ron, the ablation table of fgia.ron).
+        if !a.quiet {
+            for r in results.iter().filter(|r| matches!(r.status, Outcome::Ran | Outcome::Reused) && p.downstream(&r.name).is_empty()) {
+                let Some(entry) = r.key.and_then(|k| app.store.get_entry(&k).ok().flatten()) else { continue };
+                let (_, summaries) = crate::commands::inspect::describe(app, &entry)?;
+                for text in summaries.values().filter_map(|v| v.as_str()) {
+                    out(&format!("\n{} ({}):\n", r.name, entry.kind))?;
+                    out(&text.lines().map(|l| format!("  {l}\n")).collect::<String>())?;
+                }
+            }
+            out("\n")?;
+        }
         out(&format!(
             "{} ran, {} reused, {} failed, {} skipped in {}\n",
             sum.ran,
