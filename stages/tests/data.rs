@@ -7,43 +7,19 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use fgflow_engine::{NoProgress, Params, RunContext, StageError};
+use fgflow_engine::{Params, StageError};
 use fgflow_stages::artifact::{self, Band, Noise};
 use fgflow_stages::data::benchmark::long_tail_counts;
 
+mod support;
+use support::describe;
+
+fn run(kind: &str, params: Params, root: &Path, out: &Path) -> Result<String, StageError> {
+    support::run_kind(kind, params, &[], &[("root", root)], out)
+}
+
 fn quickdraw_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/quickdraw")
-}
-
-/// Runs a registered kind with its declared defaults overridden by `params` (what the
-/// engine's validation would hand it), `root` as its one `Path` parameter.
-fn run(kind: &str, params: Params, root: &Path, out: &Path) -> Result<String, StageError> {
-    let registry = fgflow_stages::registry();
-    let kind = registry.get(kind).expect("kind registered");
-    let mut full = Params::default();
-    for spec in kind.params() {
-        if let Some(v) = spec.default {
-            full = full.with(spec.name, v);
-        }
-    }
-    for (k, v) in params.0 {
-        full = full.with(&k, v);
-    }
-    if let Some((field, msg)) = kind.validate(&full).into_iter().next() {
-        return Err(StageError::Param { name: field, msg });
-    }
-    let sources = BTreeMap::from([("root".to_string(), vec![("root".to_string(), root.to_path_buf())])]);
-    let scratch = out.join(".scratch");
-    fs::create_dir_all(&scratch).unwrap();
-    let ctx = RunContext::new("test", full, "flex", BTreeMap::new(), sources, out.to_path_buf(), scratch.clone(), &NoProgress);
-    let result = kind.run(&ctx);
-    fs::remove_dir_all(&scratch).unwrap();
-    result.map(|_| ctx.take_log())
-}
-
-fn describe(kind: &str, output: &str, dir: &Path) -> String {
-    let registry = fgflow_stages::registry();
-    registry.get(kind).unwrap().describe_output(output, dir).expect("a description")
 }
 
 /// Every file under `dir`, relative path -> bytes.

@@ -10,7 +10,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::{Param, ParamId};
 use burn::tensor::{Int, Tensor, TensorData};
 use fgflow_engine::{NoProgress, Params, RunContext};
-use fgflow_stages::artifact::{self, ImageSet, LabelledSet};
+use fgflow_stages::artifact::{self, LabelledSet};
 use fgflow_stages::ml::augment::{AugmentConfig, hflip};
 use fgflow_stages::ml::checkpoint;
 use fgflow_stages::ml::cnn::CnnConfig;
@@ -22,6 +22,9 @@ use fgflow_stages::ml::model::{BackboneConfig, MODEL_FORMAT, ModelConfig};
 use fgflow_stages::ml::predictions::Predictions;
 use fgflow_stages::ml::train_loop::{self, Labelled, Quiet, TrainConfig, post_hoc_adjust, predict_logits};
 use fgflow_stages::ml::vit::VitConfig;
+
+mod support;
+use support::quickdraw;
 
 type B = Flex;
 type AD = Autodiff<Flex>;
@@ -237,41 +240,6 @@ fn default_cnn_is_a_few_hundred_thousand_parameters() {
 
 // ---------------------------------------------------------------------------------
 // Real data: QuickDraw drawings committed in data/quickdraw (345 classes x 100, 28x28).
-
-fn quickdraw_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/quickdraw")
-}
-
-/// `per_class` drawings of each of `classes` (class indices into classes.txt), split
-/// into (train, test) with `train_per_class` training drawings per class.
-fn quickdraw(classes: &[usize], train_per_class: usize, per_class: usize) -> (LabelledSet, LabelledSet) {
-    let dir = quickdraw_dir();
-    let names: Vec<String> = std::fs::read_to_string(dir.join("classes.txt")).unwrap().lines().map(String::from).collect();
-    let img = image::open(dir.join("quickdraw.png")).unwrap().into_luma8();
-    let (w, _) = img.dimensions();
-    let mut sets = [(Vec::new(), Vec::new(), Vec::new()), (Vec::new(), Vec::new(), Vec::new())];
-    for (label, &k) in classes.iter().enumerate() {
-        for j in 0..per_class {
-            let which = usize::from(j >= train_per_class);
-            for y in 0..28u32 {
-                for x in 0..28u32 {
-                    let px = j as u32 * 28 + x;
-                    assert!(px < w);
-                    sets[which].0.push(img.get_pixel(px, k as u32 * 28 + y).0[0]);
-                }
-            }
-            sets[which].1.push(label as u32);
-            sets[which].2.push(format!("{}/{j}", names[k]));
-        }
-    }
-    let class_names: Vec<String> = classes.iter().map(|&k| names[k].clone()).collect();
-    let [a, b] = sets;
-    let make = |(pixels, labels, ids): (Vec<u8>, Vec<u32>, Vec<String>)| LabelledSet {
-        images: ImageSet { n: labels.len(), height: 28, width: 28, channels: 1, pixels, ids, classes: class_names.clone() },
-        labels,
-    };
-    (make(a), make(b))
-}
 
 const TEN: [usize; 10] = [4, 20, 40, 60, 80, 100, 150, 200, 250, 300];
 

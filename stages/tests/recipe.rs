@@ -7,40 +7,17 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use fgflow_engine::{NoProgress, Params, RunContext, StageError};
+use fgflow_engine::{Params, StageError};
+
+mod support;
+use support::describe;
+
+fn run(kind: &str, params: Params, inputs: &[(&str, Vec<PathBuf>)], out: &Path) -> Result<String, StageError> {
+    support::run_kind(kind, params, inputs, &[], out)
+}
 use fgflow_stages::artifact::{self, GroundTruth, ImageSet, LabelledSet, Noise};
 use fgflow_stages::ml::metrics::Metrics;
 use fgflow_stages::ml::predictions::Predictions;
-
-/// Runs a registered kind with its declared defaults overridden by `params` and the
-/// given input directories; outputs land under `out/<name>`.
-fn run(kind: &str, params: Params, inputs: &[(&str, Vec<PathBuf>)], out: &Path) -> Result<String, StageError> {
-    let registry = fgflow_stages::registry();
-    let kind = registry.get(kind).expect("kind registered");
-    let mut full = Params::default();
-    for spec in kind.params() {
-        if let Some(v) = spec.default {
-            full = full.with(spec.name, v);
-        }
-    }
-    for (k, v) in params.0 {
-        full = full.with(&k, v);
-    }
-    if let Some((field, msg)) = kind.validate(&full).into_iter().next() {
-        return Err(StageError::Param { name: field, msg });
-    }
-    let inputs: BTreeMap<String, Vec<PathBuf>> = inputs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-    let scratch = out.join(".scratch");
-    fs::create_dir_all(&scratch).unwrap();
-    let ctx = RunContext::new("test", full, "flex", inputs, BTreeMap::new(), out.to_path_buf(), scratch.clone(), &NoProgress);
-    let result = kind.run(&ctx);
-    fs::remove_dir_all(&scratch).unwrap();
-    result.map(|_| ctx.take_log())
-}
-
-fn describe(kind: &str, output: &str, dir: &Path) -> String {
-    fgflow_stages::registry().get(kind).unwrap().describe_output(output, dir).expect("a description")
-}
 
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()

@@ -16,6 +16,9 @@ use fgflow_stages::ml::predictions::Predictions;
 use fgflow_stages::ml::train_loop::{self, Labelled};
 use safetensors::{Dtype, SafeTensors};
 
+mod support;
+use support::quickdraw;
+
 type B = burn::backend::Flex;
 
 fn ctx<'a>(params: Params, inputs: &[(&str, &Path)], out: &Path, scratch: &Path) -> RunContext<'a> {
@@ -40,34 +43,6 @@ fn write_set(dir: &Path, set: &LabelledSet) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     artifact::write_labelled_set(dir, set).unwrap();
     dir.to_path_buf()
-}
-
-/// `per_class` drawings of each of `classes` (rows of data/quickdraw/quickdraw.png),
-/// the first `train_per_class` into the first set, the rest into the second.
-fn quickdraw(classes: &[usize], train_per_class: usize, per_class: usize) -> (LabelledSet, LabelledSet) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/quickdraw");
-    let names: Vec<String> = std::fs::read_to_string(dir.join("classes.txt")).unwrap().lines().map(String::from).collect();
-    let img = image::open(dir.join("quickdraw.png")).unwrap().into_luma8();
-    let mut sets = [(Vec::new(), Vec::new(), Vec::new()), (Vec::new(), Vec::new(), Vec::new())];
-    for (label, &k) in classes.iter().enumerate() {
-        for j in 0..per_class {
-            let which = usize::from(j >= train_per_class);
-            for y in 0..28u32 {
-                for x in 0..28u32 {
-                    sets[which].0.push(img.get_pixel(j as u32 * 28 + x, k as u32 * 28 + y).0[0]);
-                }
-            }
-            sets[which].1.push(label as u32);
-            sets[which].2.push(format!("{}/{j}", names[k]));
-        }
-    }
-    let class_names: Vec<String> = classes.iter().map(|&k| names[k].clone()).collect();
-    let [a, b] = sets;
-    let make = |(pixels, labels, ids): (Vec<u8>, Vec<u32>, Vec<String>)| LabelledSet {
-        images: ImageSet { n: labels.len(), height: 28, width: 28, channels: 1, pixels, ids, classes: class_names.clone() },
-        labels,
-    };
-    (make(a), make(b))
 }
 
 /// f32 tensors of a model file by name (every tensor burn writes is f32).
