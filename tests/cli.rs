@@ -303,3 +303,18 @@ fn touched_but_unchanged_sources_are_rehashed_once_and_rerun_nothing() {
     d.write("data/big.bin", &"y".repeat(1 << 20));
     assert_eq!(with_status(&d.json(&["run", "s.ron", "--json"]), "ran"), ["head"]);
 }
+
+/// The whole recipe, cold (about 15 minutes on 2 cores): `cargo test -- --ignored`.
+#[test]
+#[ignore = "heavy: trains a dozen models"]
+fn the_whole_recipe_runs_end_to_end() {
+    let d = Dir::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let file = root.join("pipelines/fgia.ron");
+    let r = d.json(&["run", file.to_str().unwrap(), "--json"]);
+    assert_eq!(r["summary"]["failed"], 0, "{r}");
+    let again = d.json(&["run", file.to_str().unwrap(), "--json"]);
+    assert_eq!(again["summary"]["ran"], 0, "a no-op re-run runs nothing");
+    let show = d.ok(&["show", "ablation"]);
+    assert!(show.contains("plain CE on noisy labels"), "{show}");
+}
