@@ -245,7 +245,8 @@ impl StageKind for Clean {
         "clean"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: empty classes no longer get a ln(1e-12) logit adjustment.
+        2
     }
     fn summary(&self) -> &'static str {
         "drop training samples whose label out-of-fold models do not support (k-fold train + predict)"

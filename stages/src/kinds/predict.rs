@@ -26,7 +26,8 @@ impl StageKind for Predict {
         "predict"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: empty classes no longer get a ln(1e-12) logit adjustment.
+        2
     }
     fn summary(&self) -> &'static str {
         "class probabilities and logits of a model over an image set (flip TTA, post-hoc logit adjustment)"

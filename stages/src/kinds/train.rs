@@ -164,7 +164,8 @@ impl StageKind for Train {
         "train"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: empty classes no longer get a ln(1e-12) logit adjustment.
+        2
     }
     fn summary(&self) -> &'static str {
         "train a CNN or ViT classifier (linear / logit-adjusted / sub-centre ArcFace head; CE / EQL / balanced softmax)"

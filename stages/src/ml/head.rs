@@ -146,8 +146,13 @@ pub fn adaptive_margins(counts: &[u64], m_x: f64, m_y: f64) -> Vec<f32> {
 
 /// Long-tail logit adjustment a_c = tau * ln(n_c / N + 1e-12) (Menon et al.).
 /// Post-hoc: logits - a at inference. In the loss: train on logits + a.
+///
+/// A class with no training image at all (cleaning can empty a tail class) counts as
+/// half an image: with the bare formula its adjustment is ln(1e-12) = -27.6, which
+/// post-hoc adds 27.6 to the logit of a class the model never saw and sends every
+/// prediction there.
 pub fn log_prior(counts: &[u64], tau: f64) -> Vec<f32> {
     let total: u64 = counts.iter().sum();
     let total = total.max(1) as f64;
-    counts.iter().map(|&n| (tau * (n as f64 / total + 1e-12).ln()) as f32).collect()
+    counts.iter().map(|&n| (tau * ((n as f64).max(0.5) / total + 1e-12).ln()) as f32).collect()
 }
