@@ -130,6 +130,16 @@ pub enum StageError {
 }
 
 impl StageError {
+    /// What `StageKind::validate` returns for the outcome of parsing parameters: no
+    /// problem, or the one the parse hit, on its field.
+    pub fn field_errors<T>(parsed: Result<T, StageError>) -> Vec<(String, String)> {
+        match parsed {
+            Ok(_) => Vec::new(),
+            Err(StageError::Param { name, msg }) => vec![(name, msg)],
+            Err(e) => vec![("params".into(), e.to_string())],
+        }
+    }
+
     pub fn failed(msg: impl fmt::Display) -> Self {
         StageError::Failed(msg.to_string())
     }

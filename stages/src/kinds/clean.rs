@@ -282,11 +282,7 @@ impl StageKind for Clean {
         true
     }
     fn validate(&self, params: &Params) -> Vec<(String, String)> {
-        let mut errs = match settings(params) {
-            Ok(_) => Vec::new(),
-            Err(StageError::Param { name, msg }) => vec![(name, msg)],
-            Err(e) => vec![("params".into(), e.to_string())],
-        };
+        let mut errs = StageError::field_errors(settings(params));
         errs.extend(Train.validate(&train_params(params)));
         errs
     }

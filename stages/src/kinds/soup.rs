@@ -225,11 +225,7 @@ impl StageKind for Soup {
         true
     }
     fn validate(&self, params: &Params) -> Vec<(String, String)> {
-        let mut errs = match settings(params) {
-            Ok(_) => Vec::new(),
-            Err(StageError::Param { name, msg }) => vec![(name, msg)],
-            Err(e) => vec![("params".into(), e.to_string())],
-        };
+        let mut errs = StageError::field_errors(settings(params));
         if let Ok(b) = params.int("batch_size")
             && b < 1
         {

@@ -230,11 +230,7 @@ impl StageKind for Train {
         true
     }
     fn validate(&self, params: &Params) -> Vec<(String, String)> {
-        match settings(params) {
-            Ok(_) => Vec::new(),
-            Err(StageError::Param { name, msg }) => vec![(name, msg)],
-            Err(e) => vec![("params".into(), e.to_string())],
-        }
+        StageError::field_errors(settings(params))
     }
 
     fn describe_output(&self, output: &str, dir: &Path) -> Option<String> {
