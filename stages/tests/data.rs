@@ -2,7 +2,7 @@
 //! statistics against its parameters, byte-identical rebuilds, and importing a tiny
 //! folder of PNGs written here, good and bad.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,7 +12,7 @@ use fgflow_stages::artifact::{self, Band, Noise};
 use fgflow_stages::data::benchmark::long_tail_counts;
 
 mod support;
-use support::describe;
+use support::{describe, files};
 
 fn run(kind: &str, params: Params, root: &Path, out: &Path) -> Result<String, StageError> {
     support::run_kind(kind, params, &[], &[("root", root)], out)
@@ -22,17 +22,6 @@ fn quickdraw_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/quickdraw")
 }
 
-/// Every file under `dir`, relative path -> bytes.
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
-        let e = e.unwrap();
-        if e.file_type().is_file() {
-            out.insert(e.path().strip_prefix(dir).unwrap().display().to_string(), fs::read(e.path()).unwrap());
-        }
-    }
-    out
-}
 
 fn bench(seed: i64, extra: Params) -> (tempfile::TempDir, f64) {
     let out = tempfile::tempdir().unwrap();

@@ -3,14 +3,13 @@
 //! the merged training set, and label re-distribution (the seed's greedy against the
 //! balanced assignment). Each test runs in milliseconds.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use fgflow_engine::{Params, StageError};
 
 mod support;
-use support::describe;
+use support::{describe, files};
 
 fn run(kind: &str, params: Params, inputs: &[(&str, Vec<PathBuf>)], out: &Path) -> Result<String, StageError> {
     support::run_kind(kind, params, inputs, &[], out)
@@ -225,16 +224,6 @@ fn pseudo_label_refuses_mismatched_inputs() {
 const STEAL: [&[f32]; 6] = [&[0.6, 0.35, 0.05], &[0.7, 0.05, 0.25], &[0.1, 0.1, 0.8], &[0.1, 0.2, 0.7], &[0.05, 0.15, 0.8], &[0.1, 0.6, 0.3]];
 const STEAL_IDS: [&str; 6] = ["x0", "x1", "x2", "x3", "x4", "x5"];
 
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
-        let e = e.unwrap();
-        if e.file_type().is_file() {
-            out.insert(e.path().strip_prefix(dir).unwrap().display().to_string(), fs::read(e.path()).unwrap());
-        }
-    }
-    out
-}
 
 #[test]
 fn redistribute_seed_steals_and_balanced_does_not() {

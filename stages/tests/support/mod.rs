@@ -73,3 +73,15 @@ pub fn quickdraw(classes: &[usize], train_per_class: usize, per_class: usize) ->
     };
     (make(a), make(b))
 }
+
+/// Every file under `dir`, relative path -> bytes.
+pub fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
+        let e = e.unwrap();
+        if e.file_type().is_file() {
+            out.insert(e.path().strip_prefix(dir).unwrap().display().to_string(), fs::read(e.path()).unwrap());
+        }
+    }
+    out
+}
