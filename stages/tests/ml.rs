@@ -21,7 +21,7 @@ use fgflow_stages::ml::metrics::Metrics;
 use fgflow_stages::ml::model::{BackboneConfig, MODEL_FORMAT, ModelConfig};
 use fgflow_stages::ml::predictions::Predictions;
 use fgflow_stages::ml::train_loop::{self, Labelled, Quiet, TrainConfig, post_hoc_adjust, predict_logits};
-use fgflow_stages::ml::vit::VitConfig;
+use fgflow_stages::ml::vit::{VitConfig, VitPool};
 
 mod support;
 use support::quickdraw;
@@ -220,7 +220,7 @@ fn flip_tta_is_the_mean_of_image_and_mirror_logits() {
 #[test]
 fn vit_forward_shapes_and_size() {
     let mut config = cnn_config(10, vec![8], 1);
-    config.backbone = BackboneConfig::Vit(VitConfig { patch: 4, dim: 128, depth: 4, heads: 4, mlp_ratio: 2.0 });
+    config.backbone = BackboneConfig::Vit(VitConfig { patch: 4, dim: 128, depth: 4, heads: 4, mlp_ratio: 2.0, pool: VitPool::Mean });
     config.check().unwrap();
     let model = config.init::<B>(0, &dev());
     let params = burn::module::Module::num_params(&model);
@@ -292,7 +292,7 @@ fn arcface_eql_vit_train_and_stay_finite() {
     let (train, test) = quickdraw(&TEN[..5], 40, 50);
     let mut config = cnn_config(5, vec![16, 32], 1);
     config.classes = train.images.classes.clone();
-    let vit = BackboneConfig::Vit(VitConfig { patch: 7, dim: 32, depth: 1, heads: 2, mlp_ratio: 2.0 });
+    let vit = BackboneConfig::Vit(VitConfig { patch: 7, dim: 32, depth: 1, heads: 2, mlp_ratio: 2.0, pool: VitPool::Mean });
     // (head, loss, backbone, class counts, epochs). ArcFace margins read the (made-up,
     // long-tailed) counts; balanced softmax gets the true ones, or its prior would bias
     // a balanced test set. The ViT needs more epochs than the CNN on 200 images.
@@ -440,4 +440,32 @@ fn train_predict_evaluate_kinds() {
     if !cfg!(feature = "wgpu") {
         assert!(err.unwrap_err().to_string().contains("built without the `wgpu` feature"));
     }
+}
+
+/// With the `wgpu` feature (CI installs lavapipe, a software Vulkan driver, so this runs
+/// on a CPU-only machine): the same seeded CNN and ViT give the same logits on wgpu as
+/// on flex, and the CNN trains on wgpu to the same level as on flex.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_matches_flex_and_trains() {
+    use burn::backend::Wgpu;
+    type W = Autodiff<Wgpu>;
+    let wdev = burn::backend::wgpu::WgpuDevice::default();
+    let (train, test) = quickdraw(&TEN[..5], 40, 40);
+    let mut config = cnn_config(5, vec![8, 16], 1);
+    config.classes = train.images.classes.clone();
+    config.class_counts = vec![40; 5];
+    let mut vit = config.clone();
+    vit.backbone = BackboneConfig::Vit(VitConfig { patch: 7, dim: 32, depth: 1, heads: 2, mlp_ratio: 2.0, pool: VitPool::Mean });
+    let images = view(&test).images;
+    for c in [&config, &vit] {
+        let on_flex = predict_logits(&c.init::<B>(3, &dev()), images, 32, true).unwrap();
+        let on_wgpu = predict_logits(&c.init::<Wgpu>(3, &wdev), images, 32, true).unwrap();
+        let worst = on_flex.iter().zip(&on_wgpu).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-3, "{:?}: flex and wgpu logits differ by {worst}", c.backbone);
+    }
+    let model = config.init::<W>(0, &wdev);
+    let trained = train_loop::train::<W>(&wdev, model, &config, &quick_train_config(4, 0), view(&train), None, &mut Quiet).unwrap();
+    let acc = train_loop::accuracy(&trained, &config, view(&test), 64).unwrap();
+    assert!(acc > 0.4, "wgpu-trained CNN: accuracy {acc} (chance 0.2)");
 }

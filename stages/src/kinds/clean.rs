@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::AutodiffBackend;
+use crate::ml::conv::TrainBackend;
 use fgflow_engine::{ParamSpec, ParamType, Params, PortSpec, ProgressSink, Resources, RunContext, StageError, StageKind, Value};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -246,7 +246,8 @@ impl StageKind for Clean {
     }
     fn version(&self) -> u32 {
         // 2: empty classes no longer get a ln(1e-12) logit adjustment.
-        2
+        // 3: training as `train` v3 (conv weight gradient, own norms and attention).
+        3
     }
     fn summary(&self) -> &'static str {
         "drop training samples whose label out-of-fold models do not support (k-fold train + predict)"
@@ -429,7 +430,7 @@ struct PredictFold<'a> {
 
 impl BackendJob for PredictFold<'_> {
     type Output = Vec<f32>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Vec<f32>, StageError> {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<Vec<f32>, StageError> {
         let (model, config) = checkpoint::load_model::<B::InnerBackend>(&self.model_dir, &device)?;
         let i = &self.set.images;
         let images = Images::new(i.n, i.height, i.width, i.channels, &i.pixels).map_err(StageError::failed)?;

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::backend::AutodiffBackend;
+use crate::ml::conv::TrainBackend;
 use fgflow_engine::{ParamSpec, ParamType, Params, PortSpec, Resources, RunContext, StageError, StageKind};
 
 use crate::artifact::{self, ImageSet};
@@ -27,7 +27,8 @@ impl StageKind for Predict {
     }
     fn version(&self) -> u32 {
         // 2: empty classes no longer get a ln(1e-12) logit adjustment.
-        2
+        // 3: the ViT's own LayerNorm/attention (same maths, other rounding).
+        3
     }
     fn summary(&self) -> &'static str {
         "class probabilities and logits of a model over an image set (flip TTA, post-hoc logit adjustment)"
@@ -132,7 +133,7 @@ struct PredictJob<'a> {
 
 impl BackendJob for PredictJob<'_> {
     type Output = Vec<f32>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Vec<f32>, StageError> {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<Vec<f32>, StageError> {
         // Inference needs no autodiff: load straight onto the inner backend.
         let (model, _) = checkpoint::load_model::<B::InnerBackend>(&self.model_dir, &device)?;
         let i = self.images;

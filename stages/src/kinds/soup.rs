@@ -27,12 +27,13 @@
 //! (`soup.json`: method, the candidates with their validation accuracies, which went
 //! in, the soup's validation accuracy; `soup.txt` for people).
 
+use crate::ml::conv::TrainBackend;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use burn::store::{ModuleSnapshot, SafetensorsStore};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use fgflow_engine::{ParamSpec, ParamType, Params, PortSpec, Resources, RunContext, StageError, StageKind};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -192,7 +193,8 @@ impl StageKind for Soup {
         "soup"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: greedy soup scores with the ViT's own LayerNorm/attention (other rounding).
+        2
     }
     fn summary(&self) -> &'static str {
         "model soup of one run's checkpoints: uniform mean of every weight and buffer, or greedy by validation accuracy"
@@ -331,7 +333,7 @@ struct SoupJob<'a, 'c> {
 
 impl BackendJob for SoupJob<'_, '_> {
     type Output = (SoupReport, Tensors);
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<(SoupReport, Tensors), StageError> {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<(SoupReport, Tensors), StageError> {
         let SoupJob { ctx, greedy, ingredients, val, batch } = self;
         let names: Vec<String> = ingredients.iter().map(|i| format!("checkpoint {}", i.dir)).collect();
         let config = &ingredients[0].config;
@@ -407,7 +409,7 @@ struct SaveJob<'a> {
 
 impl BackendJob for SaveJob<'_> {
     type Output = ();
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<(), StageError> {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<(), StageError> {
         let model = load_tensors::<B::InnerBackend>(self.config, self.tensors, &device, "the soup")?;
         checkpoint::save_model(&model, self.config, &self.dir)
     }

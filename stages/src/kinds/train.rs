@@ -8,7 +8,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::AutodiffBackend;
+use crate::ml::conv::TrainBackend;
 use fgflow_engine::{ParamSpec, ParamType, Params, PortSpec, Resources, RunContext, StageError, StageKind, Value};
 
 use crate::artifact::{self, LabelledSet};
@@ -22,7 +22,7 @@ use crate::ml::loss::{EqlIndicator, LossConfig};
 use crate::ml::model::{AdjustMode, BackboneConfig, Classifier, LogitAdjust, MODEL_FORMAT, ModelConfig};
 use crate::ml::predictions::write_json;
 use crate::ml::train_loop::{self, EpochLog, Labelled, TrainConfig, TrainObserver};
-use crate::ml::vit::VitConfig;
+use crate::ml::vit::{VitConfig, VitPool};
 use crate::types;
 
 pub struct Train;
@@ -70,6 +70,10 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
                 depth: p.usize("vit_depth")?,
                 heads: p.usize("vit_heads")?,
                 mlp_ratio: p.float("vit_mlp_ratio")?,
+                pool: match p.str("vit_pool")? {
+                    "cls" => VitPool::Cls,
+                    _ => VitPool::Mean,
+                },
             };
             for (name, value) in [("vit_patch", v.patch), ("vit_dim", v.dim), ("vit_depth", v.depth), ("vit_heads", v.heads)] {
                 if value == 0 {
@@ -165,7 +169,9 @@ impl StageKind for Train {
     }
     fn version(&self) -> u32 {
         // 2: empty classes no longer get a ln(1e-12) logit adjustment.
-        2
+        // 3: `vit_pool` (mean of the patch tokens by default; was the class token); the
+        //    conv weight gradient, BatchNorm/LayerNorm and attention of `ml::conv`/`norm`/`vit`.
+        3
     }
     fn summary(&self) -> &'static str {
         "train a CNN or ViT classifier (linear / logit-adjusted / sub-centre ArcFace head; CE / EQL / balanced softmax)"
@@ -184,6 +190,7 @@ impl StageKind for Train {
             ParamSpec::optional("vit_depth", Int, 4, "ViT: transformer blocks"),
             ParamSpec::optional("vit_heads", Int, 4, "ViT: attention heads (must divide vit_dim)"),
             ParamSpec::optional("vit_mlp_ratio", Float, 2.0, "ViT: MLP hidden size / vit_dim"),
+            ParamSpec::optional("vit_pool", Enum(&["mean", "cls"]), "mean", "ViT: feature = mean of the patch tokens, or the class token"),
             ParamSpec::optional("head", Enum(HEADS), "linear", "classification head"),
             ParamSpec::optional("arcface_k", Int, 3, "ArcFace: sub-centres per class"),
             ParamSpec::optional("arcface_s", Float, 30.0, "ArcFace: logit scale s"),
@@ -322,7 +329,7 @@ fn labelled(set: &LabelledSet) -> Result<Labelled<'_>, StageError> {
 
 impl BackendJob for TrainJob<'_, '_> {
     type Output = ();
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<(), StageError> {
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<(), StageError> {
         let TrainJob { ctx, settings, config, train, val, init } = self;
         let mut model: Classifier<B> = config.init(settings.train.seed, &device);
         if let Some(dir) = &init {

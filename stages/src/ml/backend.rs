@@ -1,6 +1,6 @@
 //! Maps the run's backend name (`ctx.backend`: "flex", "ndarray", "wgpu", "cuda") to a
 //! concrete burn backend and runs a generic job on it. The job is a trait with a generic
-//! method, so every model function is written once (`fn run<B: AutodiffBackend>`) and
+//! method, so every model function is written once (`fn run<B: TrainBackend>`) and
 //! instantiated per backend by the `match` in [`dispatch`].
 //!
 //! GPU backends exist only when the crate is built with the `wgpu` / `cuda` features.
@@ -9,7 +9,7 @@
 //! when `libcuda` cannot be loaded, so the first tiny operation runs under
 //! `catch_unwind` and a failure becomes a clear error instead of a crash.
 
-use burn::tensor::backend::AutodiffBackend;
+use crate::ml::conv::TrainBackend;
 use fgflow_engine::StageError;
 
 /// Every backend name the engine may pass, whether or not it is compiled in.
@@ -19,7 +19,7 @@ pub const BACKENDS: &[&str] = &["flex", "ndarray", "wgpu", "cuda"];
 pub trait BackendJob {
     type Output;
     /// `B` is the autodiff backend for training; inference code uses `B::InnerBackend`.
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output, StageError>;
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<Self::Output, StageError>;
 }
 
 /// Run `job` on the backend called `name`.
@@ -100,7 +100,7 @@ mod tests {
     struct Name;
     impl BackendJob for Name {
         type Output = String;
-        fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<String, StageError> {
+        fn run<B: TrainBackend>(self, device: B::Device) -> Result<String, StageError> {
             Ok(B::name(&device))
         }
     }

@@ -10,6 +10,7 @@ pub mod augment;
 pub mod backend;
 pub mod checkpoint;
 pub mod cnn;
+pub mod conv;
 pub mod data;
 pub mod head;
 pub mod init;

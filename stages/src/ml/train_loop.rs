@@ -8,10 +8,11 @@
 //! Randomness (shuffle, augmentation) comes from a ChaCha stream seeded by the run, and
 //! weights are initialised from the seed (`init`), so a seed fixes a run on a backend.
 
+use crate::ml::conv::{ConvBackend, TrainBackend};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use fgflow_engine::StageError;
 use rand::SeedableRng;
@@ -89,7 +90,7 @@ fn to_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 }
 
 /// Train `model` (already initialised or loaded) and return the inference model.
-pub fn train<B: AutodiffBackend>(
+pub fn train<B: TrainBackend>(
     device: &B::Device,
     mut model: Classifier<B>,
     config: &ModelConfig,
@@ -210,7 +211,7 @@ pub fn train<B: AutodiffBackend>(
 }
 
 /// Top-1 accuracy of an inference model (no TTA; the model's own post-hoc adjustment).
-pub fn accuracy<B: Backend>(model: &Classifier<B>, config: &ModelConfig, set: Labelled<'_>, batch_size: usize) -> Result<f64, StageError> {
+pub fn accuracy<B: ConvBackend>(model: &Classifier<B>, config: &ModelConfig, set: Labelled<'_>, batch_size: usize) -> Result<f64, StageError> {
     if set.images.n == 0 {
         return Ok(0.0);
     }
@@ -237,7 +238,7 @@ pub fn post_hoc_adjust(logits: &mut [f32], prior: &[f32]) {
 
 /// Logits [N*C] row-major of an inference model; with `flip_tta` the mean of the
 /// logits of each image and its horizontal mirror.
-pub fn predict_logits<B: Backend>(model: &Classifier<B>, images: Images<'_>, batch_size: usize, flip_tta: bool) -> Result<Vec<f32>, StageError> {
+pub fn predict_logits<B: ConvBackend>(model: &Classifier<B>, images: Images<'_>, batch_size: usize, flip_tta: bool) -> Result<Vec<f32>, StageError> {
     let device = model_device(model);
     let (h, w, c) = (images.height, images.width, images.channels);
     let mut out = Vec::new();
@@ -252,7 +253,7 @@ pub fn predict_logits<B: Backend>(model: &Classifier<B>, images: Images<'_>, bat
 }
 
 /// Logits of one batch, with optional flip TTA (flip on the width axis = mirror).
-pub fn batch_logits<B: Backend>(model: &Classifier<B>, x: Tensor<B, 4>, flip_tta: bool) -> Tensor<B, 2> {
+pub fn batch_logits<B: ConvBackend>(model: &Classifier<B>, x: Tensor<B, 4>, flip_tta: bool) -> Tensor<B, 2> {
     if !flip_tta {
         return model.forward(x);
     }

@@ -1,6 +1,7 @@
 //! A small Vision Transformer backbone: patch embedding (a strided conv), a class
 //! token, learned position embeddings, pre-norm transformer blocks (multi-head
-//! self-attention and a GELU MLP), a final LayerNorm; the class token is the feature.
+//! self-attention and a GELU MLP), a final LayerNorm; the feature is the mean of the
+//! patch tokens (the winning ViT's pooling) or the class token (`VitPool`).
 //! Sized for 28x28 inputs: patch 4, dim 128, depth 4, 4 heads, MLP ratio 2 is about
 //! 0.55M parameters.
 //!
@@ -8,13 +9,14 @@
 //! from weight decay by name (see `optim`).
 
 use burn::module::{Module, Param, ParamId};
-use burn::nn::attention::{MhaInput, MultiHeadAttention, MultiHeadAttentionConfig};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
+
+use super::norm::LayerNorm;
 
 /// Sizes of the ViT (stored in the model config JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +26,25 @@ pub struct VitConfig {
     pub depth: usize,
     pub heads: usize,
     pub mlp_ratio: f64,
+    /// Model files written before pooling was a choice used the class token.
+    #[serde(default = "VitPool::class_token")]
+    pub pool: VitPool,
+}
+
+/// Which token(s) become the feature vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VitPool {
+    /// Mean of the patch tokens after the final LayerNorm (the class token left out).
+    Mean,
+    /// The class token after the final LayerNorm.
+    Cls,
+}
+
+impl VitPool {
+    fn class_token() -> Self {
+        VitPool::Cls
+    }
 }
 
 impl VitConfig {
@@ -54,17 +75,21 @@ impl VitConfig {
 
     pub fn init<B: Backend>(&self, in_channels: usize, height: usize, width: usize, device: &B::Device) -> Vit<B> {
         let hidden = ((self.dim as f64) * self.mlp_ratio).round().max(1.0) as usize;
-        let ln = || LayerNormConfig::new(self.dim).with_epsilon(1e-6).init(device);
+        let ln = || LayerNorm::new(self.dim, 1e-6, device);
+        let linear = |i: usize, o: usize| LinearConfig::new(i, o).with_initializer(Initializer::Zeros).init(device);
         let blocks = (0..self.depth)
             .map(|_| Block {
                 norm1: ln(),
-                attn: MultiHeadAttentionConfig::new(self.dim, self.heads)
-                    .with_dropout(0.0)
-                    .with_initializer(Initializer::Zeros)
-                    .init(device),
+                attn: Attention {
+                    query: linear(self.dim, self.dim),
+                    key: linear(self.dim, self.dim),
+                    value: linear(self.dim, self.dim),
+                    output: linear(self.dim, self.dim),
+                    heads: self.heads,
+                },
                 norm2: ln(),
-                fc1: LinearConfig::new(self.dim, hidden).with_initializer(Initializer::Zeros).init(device),
-                fc2: LinearConfig::new(hidden, self.dim).with_initializer(Initializer::Zeros).init(device),
+                fc1: linear(self.dim, hidden),
+                fc2: linear(hidden, self.dim),
             })
             .collect();
         let tokens = self.num_patches(height, width) + 1;
@@ -78,22 +103,60 @@ impl VitConfig {
             pos_embed: zeros([1, tokens, self.dim]),
             blocks,
             norm: ln(),
+            pool: self.pool,
         }
     }
+}
+
+/// Multi-head self-attention on tokens kept as a [N * T, dim] matrix: the projections
+/// are plain 2-D matmuls with a row bias, the softmax runs on [N * H * T, T] rows (2-D
+/// broadcasts only, see `norm`), and only the per-head reshuffles are 4-D. The fields
+/// carry the names of burn's `MultiHeadAttention`.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub query: Linear<B>,
+    pub key: Linear<B>,
+    pub value: Linear<B>,
+    pub output: Linear<B>,
+    pub heads: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// x [n * t, dim] -> [n * t, dim].
+    pub fn forward(&self, x: Tensor<B, 2>, n: usize, t: usize) -> Tensor<B, 2> {
+        let [_, d] = x.dims();
+        let (h, dh) = (self.heads, d / self.heads);
+        let split = |m: Tensor<B, 2>| m.reshape([n, t, h, dh]).swap_dims(1, 2); // [n, h, t, dh]
+        let q = split(self.query.forward(x.clone()).mul_scalar(1.0 / (dh as f64).sqrt()));
+        let k = split(self.key.forward(x.clone()));
+        let v = split(self.value.forward(x));
+        let scores = q.matmul(k.swap_dims(2, 3)).reshape([n * h * t, t]);
+        let weights = softmax_rows(scores).reshape([n, h, t, t]);
+        let context = weights.matmul(v).swap_dims(1, 2).reshape([n * t, d]);
+        self.output.forward(context)
+    }
+}
+
+/// Softmax of every row of a matrix (max-subtracted).
+fn softmax_rows<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let shifted = x.clone() - x.detach().max_dim(1);
+    let e = shifted.exp();
+    e.clone() / e.sum_dim(1)
 }
 
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
     pub norm1: LayerNorm<B>,
-    pub attn: MultiHeadAttention<B>,
+    pub attn: Attention<B>,
     pub norm2: LayerNorm<B>,
     pub fc1: Linear<B>,
     pub fc2: Linear<B>,
 }
 
 impl<B: Backend> Block<B> {
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let a = self.attn.forward(MhaInput::self_attn(self.norm1.forward(x.clone()))).context;
+    /// x [n * t, dim] -> [n * t, dim].
+    fn forward(&self, x: Tensor<B, 2>, n: usize, t: usize) -> Tensor<B, 2> {
+        let a = self.attn.forward(self.norm1.forward(x.clone()), n, t);
         let x = x + a;
         let m = self.fc2.forward(gelu(self.fc1.forward(self.norm2.forward(x.clone()))));
         x + m
@@ -107,6 +170,9 @@ pub struct Vit<B: Backend> {
     pub pos_embed: Param<Tensor<B, 3>>,
     pub blocks: Vec<Block<B>>,
     pub norm: LayerNorm<B>,
+    /// Not a weight: rebuilt from the model config when a model is loaded.
+    #[module(skip)]
+    pub pool: VitPool,
 }
 
 impl<B: Backend> Vit<B> {
@@ -116,11 +182,16 @@ impl<B: Backend> Vit<B> {
         let [n, d, h, w] = p.dims();
         let tokens = p.reshape([n, d, h * w]).swap_dims(1, 2); // [N, h'w', dim]
         let cls = self.cls_token.val().expand([n, 1, d]);
-        let mut x = Tensor::cat(vec![cls, tokens], 1) + self.pos_embed.val();
+        let x = Tensor::cat(vec![cls, tokens], 1) + self.pos_embed.val();
+        let t = h * w + 1;
+        let mut x = x.reshape([n * t, d]);
         for block in &self.blocks {
-            x = block.forward(x);
+            x = block.forward(x, n, t);
         }
-        let x = self.norm.forward(x);
-        x.narrow(1, 0, 1).reshape([n, d])
+        let x = self.norm.forward(x).reshape([n, t, d]);
+        match self.pool {
+            VitPool::Mean => x.narrow(1, 1, h * w).mean_dim(1).reshape([n, d]),
+            VitPool::Cls => x.narrow(1, 0, 1).reshape([n, d]),
+        }
     }
 }
