@@ -100,6 +100,8 @@ impl fmt::Display for Reason {
             Reason::KindVersion { old, new } => write!(f, "code version of the kind {old} -> {new}"),
             Reason::Param { name, old, new } => write!(f, "param `{name}`: {} -> {}", opt(old), opt(new)),
             Reason::Source { param, old, new } => write!(f, "content of `{param}` changed ({} -> {})", short_list(old), short_list(new)),
+            Reason::Input { port, from, old, new } if old.is_empty() => write!(f, "input `{port}` from `{}` connected ({})", from.join("`, `"), short_list(new)),
+            Reason::Input { port, old, new, .. } if new.is_empty() => write!(f, "input `{port}` disconnected (was {})", short_list(old)),
             Reason::Input { port, from, old, new } => {
                 write!(f, "input `{port}` from `{}` changed ({} -> {})", from.join("`, `"), short_list(old), short_list(new))
             }

@@ -276,6 +276,15 @@ fn plan_reports_fresh_stale_pending_with_field_reasons() {
 }
 
 #[test]
+fn input_reasons_say_connected_disconnected_or_changed() {
+    let d = |b: u8| fgflow_cache::Digest::of_bytes(&[b]);
+    let input = |old: Vec<fgflow_cache::Digest>, new: Vec<fgflow_cache::Digest>| Reason::Input { port: "init".into(), from: vec!["mae.model".into()], old, new }.to_string();
+    assert_eq!(input(vec![], vec![d(1)]), format!("input `init` from `mae.model` connected ({})", d(1).short()));
+    assert_eq!(input(vec![d(1)], vec![]), format!("input `init` disconnected (was {})", d(1).short()));
+    assert_eq!(input(vec![d(1)], vec![d(2)]), format!("input `init` from `mae.model` changed ({} -> {})", d(1).short(), d(2).short()));
+}
+
+#[test]
 fn a_failed_stage_leaves_no_entry_and_does_not_stop_independent_stages() {
     let f = Fixture::new();
     let src = |fail: bool| {

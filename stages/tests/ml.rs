@@ -444,20 +444,22 @@ fn train_predict_evaluate_kinds() {
 
 /// With the `wgpu` feature (CI installs lavapipe, a software Vulkan driver, so this runs
 /// on a CPU-only machine): the same seeded CNN and ViT give the same logits on wgpu as
-/// on flex, and the CNN trains on wgpu to the same level as on flex.
+/// on flex, and the CNN trains on wgpu well above chance, to about flex's level (the
+/// kernels sum in other orders, so the runs drift apart: not bit-identical).
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_matches_flex_and_trains() {
     use burn::backend::Wgpu;
     type W = Autodiff<Wgpu>;
     let wdev = burn::backend::wgpu::WgpuDevice::default();
-    let (train, test) = quickdraw(&TEN[..5], 40, 40);
+    let (train, test) = quickdraw(&TEN[..5], 40, 60);
     let mut config = cnn_config(5, vec![8, 16], 1);
     config.classes = train.images.classes.clone();
     config.class_counts = vec![40; 5];
     let mut vit = config.clone();
     vit.backbone = BackboneConfig::Vit(VitConfig { patch: 7, dim: 32, depth: 1, heads: 2, mlp_ratio: 2.0, pool: VitPool::Mean });
     let images = view(&test).images;
+    assert_eq!(images.n, 100);
     for c in [&config, &vit] {
         let on_flex = predict_logits(&c.init::<B>(3, &dev()), images, 32, true).unwrap();
         let on_wgpu = predict_logits(&c.init::<Wgpu>(3, &wdev), images, 32, true).unwrap();
@@ -465,7 +467,10 @@ fn wgpu_matches_flex_and_trains() {
         assert!(worst < 1e-3, "{:?}: flex and wgpu logits differ by {worst}", c.backbone);
     }
     let model = config.init::<W>(0, &wdev);
-    let trained = train_loop::train::<W>(&wdev, model, &config, &quick_train_config(4, 0), view(&train), None, &mut Quiet).unwrap();
+    let trained = train_loop::train::<W>(&wdev, model, &config, &quick_train_config(6, 0), view(&train), None, &mut Quiet).unwrap();
     let acc = train_loop::accuracy(&trained, &config, view(&test), 64).unwrap();
-    assert!(acc > 0.4, "wgpu-trained CNN: accuracy {acc} (chance 0.2)");
+    let on_flex = train_loop::train::<AD>(&dev(), config.init::<AD>(0, &dev()), &config, &quick_train_config(6, 0), view(&train), None, &mut Quiet).unwrap();
+    let flex_acc = train_loop::accuracy(&on_flex, &config, view(&test), 64).unwrap();
+    eprintln!("6 epochs, 5 classes: accuracy {acc:.3} on wgpu, {flex_acc:.3} on flex");
+    assert!(acc > 0.35 && (acc - flex_acc).abs() <= 0.15, "wgpu-trained CNN: accuracy {acc}, on flex {flex_acc} (chance 0.2)");
 }

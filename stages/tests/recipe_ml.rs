@@ -351,3 +351,62 @@ fn clean_keeps_most_of_a_clean_set() {
     assert!(kept >= 0.9 * clean.images.n as f64, "kept only {kept} of {} clean samples", clean.images.n);
     assert!(report["noise"].is_null());
 }
+
+/// `pretrain`: MAE on a labelled slice (labels ignored) plus an unlabelled set; the
+/// reconstruction loss falls; the output is a ViT model that `train` starts from
+/// (its backbone weights are the pre-trained encoder's, not a fresh init); same seed,
+/// same bytes.
+#[test]
+fn pretrain_mae_loss_falls_and_train_starts_from_its_encoder() {
+    use fgflow_engine::Value;
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let (train, test) = quickdraw(&[0, 1, 2, 3], 40, 60);
+    let train_dir = write_set(&t.join("train"), &train);
+    let unlabelled = t.join("testa");
+    std::fs::create_dir_all(&unlabelled).unwrap();
+    artifact::write_image_set(&unlabelled, &test.images).unwrap();
+    let vit = |p: Params| {
+        p.with("vit_patch", Value::Int(7)).with("vit_dim", Value::Int(32)).with("vit_depth", Value::Int(1)).with("vit_heads", Value::Int(2))
+    };
+    let params = vit(Params::default())
+        .with("epochs", Value::Int(8))
+        .with("batch_size", Value::Int(32))
+        .with("lr", Value::Float(3e-3))
+        .with("decoder_dim", Value::Int(32))
+        .with("decoder_heads", Value::Int(2))
+        .with("seed", Value::Int(5));
+    let inputs = [("labelled", vec![train_dir.clone()]), ("images", vec![unlabelled.clone()])];
+    let log = support::run_kind("pretrain", params.clone(), &inputs, &[], &t.join("mae")).unwrap();
+    assert!(log.contains("pretrain: 240 images from 2 set(s)"), "{log}");
+    let losses: Vec<f64> = serde_json::from_slice::<serde_json::Value>(&std::fs::read(t.join("mae/log/log.json")).unwrap()).unwrap()["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 8);
+    assert!(losses[7] < 0.9 * losses[0], "reconstruction loss did not fall: {losses:?}");
+    assert!(support::describe("pretrain", "model", &t.join("mae/model")).contains("ViT patch 7 dim 32"));
+
+    // Same seed, same bytes.
+    support::run_kind("pretrain", params, &inputs, &[], &t.join("mae2")).unwrap();
+    assert_eq!(support::files(&t.join("mae/model")), support::files(&t.join("mae2/model")));
+
+    // `train` from it: after one epoch at a negligible learning rate, the backbone
+    // still holds the encoder's weights (a fresh init would differ entirely).
+    let ft = support::run_kind(
+        "train",
+        vit(Params::default()).with("backbone", Value::Str("vit".into())).with("epochs", Value::Int(1)).with("lr", Value::Float(1e-12)).with("min_lr", Value::Float(0.0)).with("warmup_epochs", Value::Float(0.0)),
+        &[("train", vec![train_dir]), ("init", vec![t.join("mae/model")])],
+        &[],
+        &t.join("ft"),
+    )
+    .unwrap();
+    assert!(ft.contains("init: backbone"), "{ft}");
+    let pre = tensors(&t.join("mae/model").join(checkpoint::WEIGHTS_FILE));
+    let fine = tensors(&t.join("ft/model").join(checkpoint::WEIGHTS_FILE));
+    let name = pre.keys().find(|k| k.contains("patch_embed") && k.contains("weight")).expect("a patch embedding").clone();
+    let worst = pre[&name].1.iter().zip(&fine[&name].1).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "{name}: the fine-tuned model did not start from the encoder ({worst})");
+}

@@ -8,6 +8,7 @@ mod ensemble;
 mod evaluate;
 mod import;
 mod predict;
+mod pretrain;
 mod pseudo_label;
 mod quickdraw;
 mod redistribute;
@@ -19,6 +20,7 @@ pub(crate) fn register_all(r: &mut Registry) {
     r.register(command::Command);
     r.register(quickdraw::QuickDraw);
     r.register(import::ImportFolder);
+    r.register(pretrain::Pretrain);
     r.register(train::Train);
     r.register(predict::Predict);
     r.register(evaluate::Evaluate);

@@ -50,6 +50,46 @@ fn non_negative(x: f64) -> bool {
     x >= 0.0
 }
 
+/// The ViT's sizes from the `vit_*` parameters (shared with `pretrain`).
+pub(crate) fn vit_config(p: &Params) -> Result<VitConfig, StageError> {
+    let v = VitConfig {
+        patch: p.usize("vit_patch")?,
+        dim: p.usize("vit_dim")?,
+        depth: p.usize("vit_depth")?,
+        heads: p.usize("vit_heads")?,
+        mlp_ratio: p.float("vit_mlp_ratio")?,
+        pool: match p.str("vit_pool")? {
+            "cls" => VitPool::Cls,
+            _ => VitPool::Mean,
+        },
+    };
+    for (name, value) in [("vit_patch", v.patch), ("vit_dim", v.dim), ("vit_depth", v.depth), ("vit_heads", v.heads)] {
+        if value == 0 {
+            return Err(param_err(name, "must be at least 1"));
+        }
+    }
+    if !v.dim.is_multiple_of(v.heads) {
+        return Err(param_err("vit_heads", format!("vit_dim {} is not divisible by vit_heads {}", v.dim, v.heads)));
+    }
+    if !positive(v.mlp_ratio) {
+        return Err(param_err("vit_mlp_ratio", "must be positive"));
+    }
+    Ok(v)
+}
+
+/// The `vit_*` parameter specs (shared with `pretrain`).
+pub(crate) fn vit_params() -> Vec<ParamSpec> {
+    use ParamType::*;
+    vec![
+        ParamSpec::optional("vit_patch", Int, 4, "ViT: patch size in pixels"),
+        ParamSpec::optional("vit_dim", Int, 128, "ViT: token dimension"),
+        ParamSpec::optional("vit_depth", Int, 4, "ViT: transformer blocks"),
+        ParamSpec::optional("vit_heads", Int, 4, "ViT: attention heads (must divide vit_dim)"),
+        ParamSpec::optional("vit_mlp_ratio", Float, 2.0, "ViT: MLP hidden size / vit_dim"),
+        ParamSpec::optional("vit_pool", Enum(&["mean", "cls"]), "mean", "ViT: feature = mean of the patch tokens, or the class token"),
+    ]
+}
+
 fn settings(p: &Params) -> Result<Settings, StageError> {
     let backbone = match p.str("backbone")? {
         "cnn" => {
@@ -63,31 +103,7 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
             }
             BackboneConfig::Cnn(CnnConfig { widths: widths.iter().map(|&w| w as usize).collect(), blocks })
         }
-        "vit" => {
-            let v = VitConfig {
-                patch: p.usize("vit_patch")?,
-                dim: p.usize("vit_dim")?,
-                depth: p.usize("vit_depth")?,
-                heads: p.usize("vit_heads")?,
-                mlp_ratio: p.float("vit_mlp_ratio")?,
-                pool: match p.str("vit_pool")? {
-                    "cls" => VitPool::Cls,
-                    _ => VitPool::Mean,
-                },
-            };
-            for (name, value) in [("vit_patch", v.patch), ("vit_dim", v.dim), ("vit_depth", v.depth), ("vit_heads", v.heads)] {
-                if value == 0 {
-                    return Err(param_err(name, "must be at least 1"));
-                }
-            }
-            if !v.dim.is_multiple_of(v.heads) {
-                return Err(param_err("vit_heads", format!("vit_dim {} is not divisible by vit_heads {}", v.dim, v.heads)));
-            }
-            if !positive(v.mlp_ratio) {
-                return Err(param_err("vit_mlp_ratio", "must be positive"));
-            }
-            BackboneConfig::Vit(v)
-        }
+        "vit" => BackboneConfig::Vit(vit_config(p)?),
         other => return Err(param_err("backbone", format!("unknown backbone `{other}`"))),
     };
     let tau = p.float("logit_adjust_tau")?;
@@ -181,16 +197,10 @@ impl StageKind for Train {
         const BACKBONES: &[&str] = &["cnn", "vit"];
         const HEADS: &[&str] = &["linear", "logit_adjusted", "arcface"];
         const LOSSES: &[&str] = &["ce", "eql", "balanced_softmax"];
-        vec![
+        let mut specs = vec![
             ParamSpec::optional("backbone", Enum(BACKBONES), "cnn", "model family (ignored when `init` is connected: the backbone comes from that model)"),
             ParamSpec::optional("cnn_widths", List(&Int), vec![32i64, 64, 128], "CNN: channels of each stage (2x2 max-pool between stages)"),
             ParamSpec::optional("cnn_blocks", Int, 2, "CNN: 3x3 conv + BatchNorm + ReLU blocks per stage"),
-            ParamSpec::optional("vit_patch", Int, 4, "ViT: patch size in pixels"),
-            ParamSpec::optional("vit_dim", Int, 128, "ViT: token dimension"),
-            ParamSpec::optional("vit_depth", Int, 4, "ViT: transformer blocks"),
-            ParamSpec::optional("vit_heads", Int, 4, "ViT: attention heads (must divide vit_dim)"),
-            ParamSpec::optional("vit_mlp_ratio", Float, 2.0, "ViT: MLP hidden size / vit_dim"),
-            ParamSpec::optional("vit_pool", Enum(&["mean", "cls"]), "mean", "ViT: feature = mean of the patch tokens, or the class token"),
             ParamSpec::optional("head", Enum(HEADS), "linear", "classification head"),
             ParamSpec::optional("arcface_k", Int, 3, "ArcFace: sub-centres per class"),
             ParamSpec::optional("arcface_s", Float, 30.0, "ArcFace: logit scale s"),
@@ -214,7 +224,11 @@ impl StageKind for Train {
             ParamSpec::optional("aug_flip", Float, 0.5, "horizontal flip probability"),
             ParamSpec::optional("aug_erase", Float, 0.25, "random erasing probability"),
             ParamSpec::optional("keep_checkpoints", Int, 5, "how many last-epoch checkpoints to keep (for soups)"),
-        ]
+        ];
+        // After the CNN's sizes, as before they were shared.
+        let at = specs.iter().position(|s| s.name == "head").unwrap_or(specs.len());
+        specs.splice(at..at, vit_params());
+        specs
     }
     fn inputs(&self) -> Vec<PortSpec> {
         vec![

@@ -15,6 +15,7 @@ pub mod data;
 pub mod head;
 pub mod init;
 pub mod loss;
+pub mod mae;
 pub mod metrics;
 pub mod model;
 pub mod norm;

@@ -175,20 +175,46 @@ pub struct Vit<B: Backend> {
     pub pool: VitPool,
 }
 
+impl<B: Backend> Block<B> {
+    /// Public entry for other token models (the MAE decoder): x [n * t, dim].
+    pub fn forward_tokens(&self, x: Tensor<B, 2>, n: usize, t: usize) -> Tensor<B, 2> {
+        self.forward(x, n, t)
+    }
+}
+
 impl<B: Backend> Vit<B> {
-    /// [N, C, H, W] -> [N, dim] (the class token after the final norm).
-    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+    /// [N, C, H, W] -> patch tokens with their position embeddings [N, P, dim] and the
+    /// patch grid (h', w').
+    pub fn patch_tokens(&self, x: Tensor<B, 4>) -> (Tensor<B, 3>, usize, usize) {
         let p = self.patch_embed.forward(x); // [N, dim, h', w']
         let [n, d, h, w] = p.dims();
         let tokens = p.reshape([n, d, h * w]).swap_dims(1, 2); // [N, h'w', dim]
-        let cls = self.cls_token.val().expand([n, 1, d]);
-        let x = Tensor::cat(vec![cls, tokens], 1) + self.pos_embed.val();
-        let t = h * w + 1;
-        let mut x = x.reshape([n * t, d]);
+        (tokens + self.pos_embed.val().narrow(1, 1, h * w), h, w)
+    }
+
+    /// The class token with its position embedding, for a batch of `n`: [n, 1, dim].
+    pub fn class_token(&self, n: usize) -> Tensor<B, 3> {
+        let d = self.pos_embed.dims()[2];
+        (self.cls_token.val() + self.pos_embed.val().narrow(1, 0, 1)).expand([n, 1, d])
+    }
+
+    /// Transformer blocks and the final norm over any token sequence [N, T, dim] (the
+    /// class token first): [N, T, dim].
+    pub fn encode(&self, tokens: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [n, t, d] = tokens.dims();
+        let mut x = tokens.reshape([n * t, d]);
         for block in &self.blocks {
             x = block.forward(x, n, t);
         }
-        let x = self.norm.forward(x).reshape([n, t, d]);
+        self.norm.forward(x).reshape([n, t, d])
+    }
+
+    /// [N, C, H, W] -> [N, dim]: the mean of the patch tokens or the class token, after
+    /// the final norm.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        let (tokens, h, w) = self.patch_tokens(x);
+        let [n, _, d] = tokens.dims();
+        let x = self.encode(Tensor::cat(vec![self.class_token(n), tokens], 1));
         match self.pool {
             VitPool::Mean => x.narrow(1, 1, h * w).mean_dim(1).reshape([n, d]),
             VitPool::Cls => x.narrow(1, 0, 1).reshape([n, d]),
