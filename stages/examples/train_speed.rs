@@ -58,12 +58,13 @@ fn rates<B: TrainBackend>(config: &ModelConfig, pixels: &[u8], labels: &[u32], e
         lr: 1e-3,
         min_lr: 1e-5,
         weight_decay: 0.05,
+        layer_decay: 1.0,
         warmup_epochs: 0.0,
         seed: 0,
         label_smoothing: 0.0,
         margin_x: 0.45,
         margin_y: 0.05,
-        augment: AugmentConfig { shift: 2, flip: 0.5, erase: 0.25 },
+        augment: AugmentConfig { shift: 2, flip: 0.5, erase: 0.25, randaugment_n: 0, randaugment_m: 0 },
     };
     let data = Labelled { images: Images::new(labels.len(), 28, 28, 1, pixels).expect("sizes match"), labels };
     let mut r = Rates(Vec::new());

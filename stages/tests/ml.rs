@@ -254,12 +254,13 @@ fn quick_train_config(epochs: usize, seed: u64) -> TrainConfig {
         lr: 3e-3,
         min_lr: 1e-5,
         weight_decay: 0.05,
+        layer_decay: 1.0,
         warmup_epochs: 0.5,
         seed,
         label_smoothing: 0.0,
         margin_x: 0.45,
         margin_y: 0.05,
-        augment: AugmentConfig { shift: 2, flip: 0.5, erase: 0.0 },
+        augment: AugmentConfig { shift: 2, flip: 0.5, erase: 0.0, randaugment_n: 0, randaugment_m: 0 },
     }
 }
 
@@ -473,4 +474,26 @@ fn wgpu_matches_flex_and_trains() {
     let flex_acc = train_loop::accuracy(&on_flex, &config, view(&test), 64).unwrap();
     eprintln!("6 epochs, 5 classes: accuracy {acc:.3} on wgpu, {flex_acc:.3} on flex");
     assert!(acc > 0.35 && (acc - flex_acc).abs() <= 0.15, "wgpu-trained CNN: accuracy {acc}, on flex {flex_acc} (chance 0.2)");
+}
+
+#[test]
+fn layer_wise_lr_decay_scales_vit_layers_and_is_off_at_one() {
+    use fgflow_stages::ml::model::Backbone;
+    use fgflow_stages::ml::optim::GroupedAdamW;
+    let mut c = cnn_config(3, vec![8], 1);
+    c.backbone = BackboneConfig::Vit(VitConfig { patch: 7, dim: 16, depth: 2, heads: 2, mlp_ratio: 2.0, pool: VitPool::Mean });
+    let model = c.init::<AD>(0, &dev());
+    let Backbone::Vit(vit) = &model.backbone else { unreachable!() };
+    let scales = GroupedAdamW::<AD, _>::new(&model, 0.05, 0.5).lr_scales();
+    // L = 2 blocks: embeddings 0.5^3, block 0 0.5^2, block 1 0.5, after the blocks 1.
+    assert_eq!(scales[&vit.patch_embed.weight.id], 0.125);
+    assert_eq!(scales[&vit.pos_embed.id], 0.125);
+    assert_eq!(scales[&vit.blocks[0].fc1.weight.id], 0.25);
+    assert_eq!(scales[&vit.blocks[0].norm1.gamma.id], 0.25);
+    assert_eq!(scales[&vit.blocks[1].attn.query.weight.id], 0.5);
+    assert_eq!(scales[&vit.norm.gamma.id], 1.0);
+    assert!(GroupedAdamW::<AD, _>::new(&model, 0.05, 1.0).lr_scales().values().all(|&s| s == 1.0));
+    // The CNN has no layers to decay.
+    let cnn = cnn_config(3, vec![8], 1).init::<AD>(0, &dev());
+    assert!(GroupedAdamW::<AD, _>::new(&cnn, 0.05, 0.5).lr_scales().values().all(|&s| s == 1.0));
 }

@@ -62,7 +62,7 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
         weight_decay: p.float("weight_decay")?,
         warmup_epochs: p.float("warmup_epochs")?,
         seed: p.int("seed")? as u64,
-        augment: AugmentConfig { shift: p.usize("aug_shift")?, flip, erase: 0.0 },
+        augment: AugmentConfig { shift: p.usize("aug_shift")?, flip, erase: 0.0, randaugment_n: 0, randaugment_m: 0 },
     };
     if train.epochs == 0 {
         return Err(param_err("epochs", "must be at least 1"));

@@ -154,15 +154,22 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
         lr: p.float("lr")?,
         min_lr: p.float("min_lr")?,
         weight_decay: p.float("weight_decay")?,
+        layer_decay: p.float("layer_decay")?,
         warmup_epochs: p.float("warmup_epochs")?,
         seed: p.int("seed")? as u64,
         label_smoothing: p.float("label_smoothing")?,
         margin_x: p.float("arcface_m_x")?,
         margin_y: p.float("arcface_m_y")?,
-        augment: AugmentConfig { shift: p.usize("aug_shift")?, flip: prob("aug_flip")?, erase: prob("aug_erase")? },
+        augment: AugmentConfig { shift: p.usize("aug_shift")?, flip: prob("aug_flip")?, erase: prob("aug_erase")?, randaugment_n: p.usize("aug_randaugment_n")?, randaugment_m: p.usize("aug_randaugment_m")? },
     };
     if train.epochs == 0 {
         return Err(param_err("epochs", "must be at least 1"));
+    }
+    if train.augment.randaugment_m > crate::ml::randaugment::MAX_MAGNITUDE {
+        return Err(param_err("aug_randaugment_m", format!("must be at most {}, found {}", crate::ml::randaugment::MAX_MAGNITUDE, train.augment.randaugment_m)));
+    }
+    if !(train.layer_decay > 0.0 && train.layer_decay <= 1.0) {
+        return Err(param_err("layer_decay", format!("must be in (0, 1], found {}", train.layer_decay)));
     }
     if train.batch_size < 2 {
         return Err(param_err("batch_size", "must be at least 2 (BatchNorm needs two samples)"));
@@ -218,11 +225,14 @@ impl StageKind for Train {
             ParamSpec::optional("lr", Float, 1e-3, "peak learning rate (AdamW)"),
             ParamSpec::optional("min_lr", Float, 1e-5, "learning rate at the end of the cosine"),
             ParamSpec::optional("weight_decay", Float, 0.05, "AdamW weight decay (not on norms, biases, position embeddings)"),
+            ParamSpec::optional("layer_decay", Float, 1.0, "ViT: layer-wise lr decay (block i of L gets lr*d^(L-i), embeddings d^(L+1); 1 = off; no effect on the CNN)"),
             ParamSpec::optional("warmup_epochs", Float, 1.0, "linear warm-up length in epochs (fractions allowed)"),
             ParamSpec::optional("seed", Int, 0, "weights, shuffling and augmentation"),
             ParamSpec::optional("aug_shift", Int, 2, "random shift: pad by this many pixels and crop back (0 = off)"),
             ParamSpec::optional("aug_flip", Float, 0.5, "horizontal flip probability"),
             ParamSpec::optional("aug_erase", Float, 0.25, "random erasing probability"),
+            ParamSpec::optional("aug_randaugment_n", Int, 0, "RandAugment: operations per image (0 = off; the seed used 2)"),
+            ParamSpec::optional("aug_randaugment_m", Int, 9, "RandAugment: magnitude, 0..=30 (the seed used 9)"),
             ParamSpec::optional("keep_checkpoints", Int, 5, "how many last-epoch checkpoints to keep (for soups)"),
         ];
         // After the CNN's sizes, as before they were shared.

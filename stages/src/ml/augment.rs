@@ -4,6 +4,8 @@
 //! - random shift: pad by `shift` pixels with zeros and crop back at a random offset
 //!   (the small-image form of random crop);
 //! - horizontal flip with probability `flip`;
+//! - RandAugment: `randaugment_n` operations at magnitude `randaugment_m` (0..=30;
+//!   `randaugment`);
 //! - random erasing with probability `erase`: a rectangle of 2%..33% of the area, aspect
 //!   ratio 0.3..3.3, filled with uniform random bytes (Zhong et al.).
 
@@ -16,15 +18,20 @@ pub struct AugmentConfig {
     pub shift: usize,
     pub flip: f64,
     pub erase: f64,
+    /// RandAugment operations per image (0 = off); written before it existed: off.
+    #[serde(default)]
+    pub randaugment_n: usize,
+    #[serde(default)]
+    pub randaugment_m: usize,
 }
 
 impl AugmentConfig {
     pub fn none() -> Self {
-        AugmentConfig { shift: 0, flip: 0.0, erase: 0.0 }
+        AugmentConfig { shift: 0, flip: 0.0, erase: 0.0, randaugment_n: 0, randaugment_m: 0 }
     }
 
     pub fn is_none(&self) -> bool {
-        self.shift == 0 && self.flip <= 0.0 && self.erase <= 0.0
+        self.shift == 0 && self.flip <= 0.0 && self.erase <= 0.0 && self.randaugment_n == 0
     }
 
     /// Augmented copy of one HWC image.
@@ -38,6 +45,9 @@ impl AugmentConfig {
         }
         if self.flip > 0.0 && rng.random_bool(self.flip.min(1.0)) {
             out = hflip(&out, h, w, c);
+        }
+        if self.randaugment_n > 0 {
+            super::randaugment::apply(&mut out, h, w, c, self.randaugment_n, self.randaugment_m, rng);
         }
         if self.erase > 0.0 && rng.random_bool(self.erase.min(1.0)) {
             erase(&mut out, h, w, c, rng);
@@ -124,7 +134,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let none = AugmentConfig::none();
         assert_eq!(none.apply(&img, 28, 28, 1, &mut rng), img);
-        let always = AugmentConfig { shift: 0, flip: 0.0, erase: 1.0 };
+        let always = AugmentConfig { shift: 0, flip: 0.0, erase: 1.0, randaugment_n: 0, randaugment_m: 0 };
         let out = always.apply(&img, 28, 28, 1, &mut rng);
         let changed = out.iter().filter(|&&v| v != 7).count();
         assert!(changed > 0 && changed < 28 * 28 / 2, "{changed}");

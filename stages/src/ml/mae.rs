@@ -222,7 +222,7 @@ pub fn pretrain<B: TrainBackend>(
     let steps_per_epoch = pool.len().div_ceil(bs);
     let total = steps_per_epoch * tc.epochs;
     let warmup = (tc.warmup_epochs * steps_per_epoch as f64).round() as usize;
-    let mut optim = GroupedAdamW::<B, Mae<B>>::new(&mae, tc.weight_decay);
+    let mut optim = GroupedAdamW::<B, Mae<B>>::new(&mae, tc.weight_decay, 1.0);
     // Separate streams for the order/augmentation and for the masks.
     let mut rng = ChaCha8Rng::seed_from_u64(tc.seed ^ 0x5eed_da7a_0000_0002);
     let mut mask_rng = ChaCha8Rng::seed_from_u64(tc.seed ^ 0x5eed_da7a_0000_0003);

@@ -21,6 +21,7 @@ pub mod model;
 pub mod norm;
 pub mod optim;
 pub mod predictions;
+pub mod randaugment;
 pub mod schedule;
 pub mod train_loop;
 pub mod vit;

@@ -36,6 +36,9 @@ pub struct TrainConfig {
     pub lr: f64,
     pub min_lr: f64,
     pub weight_decay: f64,
+    /// ViT layer-wise learning-rate decay (1.0 = off; see `optim`).
+    #[serde(default = "no_layer_decay")]
+    pub layer_decay: f64,
     pub warmup_epochs: f64,
     pub seed: u64,
     pub label_smoothing: f64,
@@ -43,6 +46,10 @@ pub struct TrainConfig {
     pub margin_x: f64,
     pub margin_y: f64,
     pub augment: AugmentConfig,
+}
+
+fn no_layer_decay() -> f64 {
+    1.0
 }
 
 /// Images with one label each.
@@ -133,7 +140,7 @@ pub fn train<B: TrainBackend>(
     let in_loss_prior = in_loss_prior.map(as_tensor);
     let balanced_prior = balanced_prior.map(as_tensor);
 
-    let mut optim = GroupedAdamW::<B, Classifier<B>>::new(&model, tc.weight_decay);
+    let mut optim = GroupedAdamW::<B, Classifier<B>>::new(&model, tc.weight_decay, tc.layer_decay);
     // A separate stream from the weight initialisation's (which uses `seed` itself).
     let mut rng = ChaCha8Rng::seed_from_u64(tc.seed ^ 0x5eed_da7a_0000_0001);
     let mut order: Vec<usize> = (0..imgs.n).collect();
