@@ -10,7 +10,7 @@ use std::path::Path;
 
 use fgflow_engine::{ParamSpec, ParamType, Params, PortSpec, Resources, RunContext, StageError, StageKind};
 
-use super::train::{describe_model, vit_config, vit_params};
+use super::train::{check_schedule, describe_model, param_err, probability, vit_config, vit_params};
 use crate::artifact::{self, ImageSet};
 use crate::ml::augment::AugmentConfig;
 use crate::ml::backend::{BackendJob, dispatch};
@@ -33,10 +33,6 @@ struct Settings {
     train: PretrainConfig,
 }
 
-fn param_err(name: &str, msg: impl Into<String>) -> StageError {
-    StageError::Param { name: name.into(), msg: msg.into() }
-}
-
 fn settings(p: &Params) -> Result<Settings, StageError> {
     let vit = vit_config(p)?;
     let mae = MaeConfig {
@@ -46,14 +42,8 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
         decoder_heads: p.usize("decoder_heads")?,
         norm_pix: p.bool("norm_pix")?,
     };
-    if let Err(msg) = mae.check() {
-        let field = if msg.starts_with("mask_ratio") { "mask_ratio" } else { "decoder_dim" };
-        return Err(param_err(field, msg));
-    }
-    let flip = p.float("aug_flip")?;
-    if !(0.0..=1.0).contains(&flip) {
-        return Err(param_err("aug_flip", format!("must be a probability in [0, 1], found {flip}")));
-    }
+    mae.check().map_err(|(field, msg)| param_err(field, msg))?;
+    let flip = probability(p, "aug_flip")?;
     let train = PretrainConfig {
         epochs: p.usize("epochs")?,
         batch_size: p.usize("batch_size")?,
@@ -64,18 +54,9 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
         seed: p.int("seed")? as u64,
         augment: AugmentConfig { shift: p.usize("aug_shift")?, flip, erase: 0.0, randaugment_n: 0, randaugment_m: 0 },
     };
-    if train.epochs == 0 {
-        return Err(param_err("epochs", "must be at least 1"));
-    }
+    check_schedule(train.epochs, train.lr, train.min_lr, train.warmup_epochs, train.weight_decay)?;
     if train.batch_size == 0 {
         return Err(param_err("batch_size", "must be at least 1"));
-    }
-    // Written as positive checks so NaN fails them.
-    if !(train.lr > 0.0 && train.min_lr >= 0.0) {
-        return Err(param_err("lr", "lr must be positive and min_lr non-negative"));
-    }
-    if !(train.warmup_epochs >= 0.0 && train.weight_decay >= 0.0) {
-        return Err(param_err("warmup_epochs", "warmup_epochs and weight_decay must be non-negative"));
     }
     Ok(Settings { vit, mae, train })
 }

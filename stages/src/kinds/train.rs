@@ -37,8 +37,28 @@ struct Settings {
     keep_checkpoints: usize,
 }
 
-fn param_err(name: &str, msg: impl Into<String>) -> StageError {
+pub(crate) fn param_err(name: &str, msg: impl Into<String>) -> StageError {
     StageError::Param { name: name.into(), msg: msg.into() }
+}
+
+/// A parameter that must be a probability in [0, 1].
+pub(crate) fn probability(p: &Params, name: &str) -> Result<f64, StageError> {
+    let v = p.float(name)?;
+    if (0.0..=1.0).contains(&v) { Ok(v) } else { Err(param_err(name, format!("must be a probability in [0, 1], found {v}"))) }
+}
+
+/// The checks every optimisation schedule shares (`train`, `pretrain`).
+pub(crate) fn check_schedule(epochs: usize, lr: f64, min_lr: f64, warmup_epochs: f64, weight_decay: f64) -> Result<(), StageError> {
+    if epochs == 0 {
+        return Err(param_err("epochs", "must be at least 1"));
+    }
+    if !positive(lr) || !non_negative(min_lr) {
+        return Err(param_err("lr", "lr must be positive and min_lr non-negative"));
+    }
+    if !non_negative(warmup_epochs) || !non_negative(weight_decay) {
+        return Err(param_err("warmup_epochs", "warmup_epochs and weight_decay must be non-negative"));
+    }
+    Ok(())
 }
 
 // Written as positive checks so NaN fails them.
@@ -144,10 +164,6 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
         }
         other => return Err(param_err("loss", format!("unknown loss `{other}`"))),
     };
-    let prob = |name: &str| -> Result<f64, StageError> {
-        let v = p.float(name)?;
-        if (0.0..=1.0).contains(&v) { Ok(v) } else { Err(param_err(name, format!("must be a probability in [0, 1], found {v}"))) }
-    };
     let train = TrainConfig {
         epochs: p.usize("epochs")?,
         batch_size: p.usize("batch_size")?,
@@ -160,11 +176,9 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
         label_smoothing: p.float("label_smoothing")?,
         margin_x: p.float("arcface_m_x")?,
         margin_y: p.float("arcface_m_y")?,
-        augment: AugmentConfig { shift: p.usize("aug_shift")?, flip: prob("aug_flip")?, erase: prob("aug_erase")?, randaugment_n: p.usize("aug_randaugment_n")?, randaugment_m: p.usize("aug_randaugment_m")? },
+        augment: AugmentConfig { shift: p.usize("aug_shift")?, flip: probability(p, "aug_flip")?, erase: probability(p, "aug_erase")?, randaugment_n: p.usize("aug_randaugment_n")?, randaugment_m: p.usize("aug_randaugment_m")? },
     };
-    if train.epochs == 0 {
-        return Err(param_err("epochs", "must be at least 1"));
-    }
+    check_schedule(train.epochs, train.lr, train.min_lr, train.warmup_epochs, train.weight_decay)?;
     if train.augment.randaugment_m > crate::ml::randaugment::MAX_MAGNITUDE {
         return Err(param_err("aug_randaugment_m", format!("must be at most {}, found {}", crate::ml::randaugment::MAX_MAGNITUDE, train.augment.randaugment_m)));
     }
@@ -174,14 +188,8 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
     if train.batch_size < 2 {
         return Err(param_err("batch_size", "must be at least 2 (BatchNorm needs two samples)"));
     }
-    if !positive(train.lr) || !non_negative(train.min_lr) {
-        return Err(param_err("lr", "lr must be positive and min_lr non-negative"));
-    }
     if !(0.0..1.0).contains(&train.label_smoothing) {
         return Err(param_err("label_smoothing", "must be in [0, 1)"));
-    }
-    if !non_negative(train.warmup_epochs) || !non_negative(train.weight_decay) {
-        return Err(param_err("warmup_epochs", "warmup_epochs and weight_decay must be non-negative"));
     }
     Ok(Settings { backbone, head, logit_adjust, loss, train, keep_checkpoints: p.usize("keep_checkpoints")? })
 }

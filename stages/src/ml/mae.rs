@@ -54,15 +54,18 @@ pub struct Mae<B: Backend> {
 }
 
 impl MaeConfig {
-    pub fn check(&self) -> Result<(), String> {
+    /// The offending parameter and what is wrong with it.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
         if !(self.mask_ratio > 0.0 && self.mask_ratio < 1.0) {
-            return Err(format!("mask_ratio must be in (0, 1), found {}", self.mask_ratio));
+            return Err(("mask_ratio", format!("mask_ratio must be in (0, 1), found {}", self.mask_ratio)));
         }
-        if self.decoder_dim == 0 || self.decoder_depth == 0 || self.decoder_heads == 0 {
-            return Err("decoder_dim, decoder_depth and decoder_heads must be positive".into());
+        for (field, value) in [("decoder_dim", self.decoder_dim), ("decoder_depth", self.decoder_depth), ("decoder_heads", self.decoder_heads)] {
+            if value == 0 {
+                return Err((field, format!("{field} must be positive")));
+            }
         }
         if !self.decoder_dim.is_multiple_of(self.decoder_heads) {
-            return Err(format!("decoder_dim {} is not divisible by decoder_heads {}", self.decoder_dim, self.decoder_heads));
+            return Err(("decoder_heads", format!("decoder_dim {} is not divisible by decoder_heads {}", self.decoder_dim, self.decoder_heads)));
         }
         Ok(())
     }
