@@ -1,10 +1,12 @@
 //! The `fgflow` binary: clap-derived verbs, one module per verb under `commands/`.
 //! Exit codes: 0 success, 1 a stage failed (or verify found corruption), 2 bad usage
-//! or an invalid pipeline. A closed stdout (`fgflow ls | head`) exits 0.
+//! or an invalid pipeline (also an unusable cache directory, `--jobs 0`, an unknown
+//! `--backend`). A closed stdout (`fgflow ls | head`) exits 0.
 
 mod app;
 mod commands;
 mod console;
+mod report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +48,10 @@ enum Verb {
     Verify,
     /// List the stage kinds with their parameters and ports.
     Kinds,
+    /// Write a self-contained HTML report (and its data as JSON/CSV) of a pipeline's last run.
+    Report(commands::report::Args),
+    /// Every cached run of a pipeline's stages side by side: changed parameters and metrics.
+    Compare(commands::compare::Args),
     /// Execute one stage from its key alone (for cluster executors).
     #[command(hide = true)]
     ExecJob(commands::run::ExecJobArgs),
@@ -53,7 +59,14 @@ enum Verb {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = app::App::open(cli.cache_dir).and_then(|app| match cli.command {
+    use app::Access::{Read, Write};
+    // `run` opens the cache for reading and creates it only once its pipeline is
+    // valid; reading verbs never write; `gc`, `verify` and `exec-job` need it writable.
+    let access = match &cli.command {
+        Verb::Gc(_) | Verb::Verify | Verb::ExecJob(_) => Write,
+        _ => Read,
+    };
+    let result = app::App::open(cli.cache_dir, access).and_then(|app| match cli.command {
         Verb::Run(a) => commands::run::run(&app, a),
         Verb::Status(a) => commands::status::run(&app, a),
         Verb::Explain(a) => commands::explain::run(&app, a),
@@ -65,6 +78,8 @@ fn main() -> ExitCode {
         Verb::Gc(a) => commands::gc::gc(&app, a),
         Verb::Verify => commands::gc::verify(&app),
         Verb::Kinds => commands::kinds::run(&app),
+        Verb::Report(a) => commands::report::run(&app, a),
+        Verb::Compare(a) => commands::compare::run(&app, a),
         Verb::ExecJob(a) => commands::run::exec_job(&app, a),
     });
     match result {

@@ -25,7 +25,7 @@ impl Dir {
         p
     }
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_fgflow"));
+        let mut c = Command::new(fgflow_bin());
         c.args(args).current_dir(self.path()).env_remove("FGFLOW_CACHE");
         c
     }
@@ -41,6 +41,13 @@ impl Dir {
         let o = self.run(args);
         serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
     }
+}
+
+/// The binary under test: the one cargo built, or `FGFLOW_BIN` (`.ci/run` copies the
+/// binaries where an unprivileged user can run them and runs the hostile tests again
+/// as that user: the build directory under root's home is closed to others).
+pub fn fgflow_bin() -> std::ffi::OsString {
+    std::env::var_os("FGFLOW_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_fgflow").into())
 }
 
 /// Names of stages with the given status in a `run --json` report.

@@ -2,3 +2,9 @@
 
 mod cli;
 mod contract;
+mod fuzz;
+mod hostile_cache;
+mod hostile_load;
+mod hostile_stage;
+mod report;
+mod soak;

@@ -9,6 +9,8 @@ use crate::digest::Digest;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
+    /// The key it is stored under; `Store::get_entry` treats a mismatch (an entry
+    /// copied over another) as damage, and `verify` also re-hashes the fingerprint.
     pub key: Digest,
     /// Stage name in the pipeline that produced it (informational; not part of the key).
     pub stage: String,

@@ -1,6 +1,8 @@
 //! fgflow's content-addressed store: digests, blobs, trees, entries, refs, the stat
 //! cache, locks and garbage collection. Knows nothing of pipelines, stages or burn.
 
+pub mod capture;
+pub mod damage;
 pub mod digest;
 pub mod entry;
 pub mod gc;
@@ -11,8 +13,8 @@ pub mod tree;
 
 pub use digest::Digest;
 pub use entry::Entry;
-pub use gc::{GcReport, VerifyReport, gc, verify};
+pub use gc::{GcReport, VerifyChecks, VerifyReport, gc, verify, verify_with};
 pub use lock::FileLock;
 pub use stat_cache::{HashCounts, StatCache};
-pub use store::{CacheError, Store};
+pub use store::{BlobStamp, CacheError, Materialize, Store};
 pub use tree::{Tree, TreeFile};

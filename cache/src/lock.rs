@@ -12,12 +12,23 @@ pub struct FileLock {
 }
 
 impl FileLock {
+    /// Exclusive locks open the file for writing (creating it): on NFS, flock is
+    /// emulated with POSIX locks, whose write locks need a writable descriptor.
     fn open(path: &Path) -> io::Result<File> {
         OpenOptions::new().create(true).truncate(false).write(true).open(path)
     }
 
+    /// A shared lock needs only read access: an existing lock file is opened read-only,
+    /// so readers can lock a read-only cache; only a missing one is created.
+    fn open_for_shared(path: &Path) -> io::Result<File> {
+        match File::open(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Self::open(path),
+            other => other,
+        }
+    }
+
     pub fn shared(path: &Path) -> io::Result<FileLock> {
-        let file = Self::open(path)?;
+        let file = Self::open_for_shared(path)?;
         file.lock_shared()?;
         Ok(FileLock { _file: file })
     }

@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::damage::Found;
 use crate::digest::Digest;
 use crate::store::{CacheError, Result, io_err};
 
@@ -69,11 +70,37 @@ fn now_ns() -> i128 {
 }
 
 impl StatCache {
-    /// Load from `path`; a missing or unreadable file is an empty cache (it is only a cache).
+    /// Load from `path`. A missing file is an empty cache; a damaged one is discarded
+    /// with a warning (it is only an optimisation: sources are re-hashed once) and
+    /// rewritten by the next `save`.
     pub fn load(path: impl Into<PathBuf>) -> StatCache {
         let path = path.into();
-        let records = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        StatCache { path: Some(path), records, dirty: false, counts: HashCounts::default() }
+        let (records, dirty) = match crate::damage::read_record(&path) {
+            Ok(Found::Good(records)) => (records, false),
+            Ok(Found::Missing) => (BTreeMap::new(), false),
+            Ok(Found::Damaged(why)) => {
+                crate::damage::warn(&path, &format!("damaged stat cache discarded ({why}); sources are re-hashed once"));
+                // A directory in its place would stop `save` from renaming over it.
+                if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+                    let _ = crate::damage::set_aside(&path);
+                }
+                (BTreeMap::new(), true)
+            }
+            Err(e) => {
+                crate::damage::warn(&path, &format!("stat cache not read ({e}); sources are re-hashed"));
+                (BTreeMap::new(), false)
+            }
+        };
+        StatCache { path: Some(path), records, dirty, counts: HashCounts::default() }
+    }
+
+    /// Why the stat cache file at `path` is damaged, if it is (for `verify`).
+    pub fn problem(path: &Path) -> Option<String> {
+        match crate::damage::read_record::<BTreeMap<String, Record>>(path) {
+            Ok(Found::Damaged(why)) => Some(why),
+            // Missing is fine; unreadable (permissions) is not damage.
+            _ => None,
+        }
     }
 
     /// Write back if anything changed (temp file + rename).

@@ -18,6 +18,15 @@ use crate::pipeline::Pipeline;
 use crate::plan::{self, Reason, Sources};
 use crate::registry::Registry;
 
+/// The most worker threads a run starts, whatever `jobs` says: stages beyond this run
+/// one after another. More threads than stages are never started either.
+pub const MAX_JOBS: usize = 256;
+
+/// Workers actually started for `jobs` on a pipeline of `stages` stages.
+pub fn workers_for(jobs: usize, stages: usize) -> usize {
+    jobs.clamp(1, MAX_JOBS).min(stages.max(1))
+}
+
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub jobs: usize,
@@ -168,8 +177,17 @@ pub fn run(p: &Pipeline, store: &Store, registry: &Registry, sources: &Sources, 
         wake.notify_all();
     };
     std::thread::scope(|scope| {
-        for _ in 0..opts.jobs.max(1) {
-            scope.spawn(worker);
+        // Threads the system refuses are not an error: the workers that did start
+        // take every stage, and with none this thread does the work itself.
+        let mut started = 0;
+        for _ in 0..workers_for(opts.jobs, n) {
+            if std::thread::Builder::new().name("fgflow-worker".into()).spawn_scoped(scope, worker).is_err() {
+                break;
+            }
+            started += 1;
+        }
+        if started == 0 {
+            worker();
         }
     });
     let g = shared.into_inner().unwrap_or_else(|e| e.into_inner());

@@ -44,10 +44,19 @@ pub fn expand(map: &StageMap) -> Expanded {
                 origin.insert(name.clone(), name.clone());
                 stages.push((name.clone(), resolved));
             }
+            Some(items) if items.is_empty() => {
+                // Zero items would silently declare zero stages.
+                errors.push((name.clone(), "foreach", None, format!("stage `{name}`: `foreach` has no items, so it declares no stage (give at least one item, or remove the stage)")));
+            }
             Some(items) => {
+                let mut seen_items = std::collections::HashSet::new();
                 for (i, item) in items.iter().enumerate() {
-                    if item.is_empty() || item.contains(['.', '@']) {
-                        errors.push((name.clone(), "foreach", None, format!("stage `{name}`: foreach item `{item}` must be non-empty without `.` or `@`")));
+                    if item.is_empty() || item.contains(['.', '@']) || item.chars().any(char::is_control) {
+                        errors.push((name.clone(), "foreach", None, format!("stage `{name}`: foreach item `{item}` must be non-empty, without `.`, `@` or control characters")));
+                        continue;
+                    }
+                    if !seen_items.insert(item.as_str()) {
+                        errors.push((name.clone(), "foreach", None, format!("stage `{name}`: foreach item `{item}` appears twice")));
                         continue;
                     }
                     let prev = if i > 0 { Some(items[i - 1].as_str()) } else { None };

@@ -9,7 +9,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use fgflow_cache::{CacheError, Digest, Entry, Store};
+use fgflow_cache::{CacheError, Digest, Entry, Materialize, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::fingerprint::Recorded;
@@ -49,8 +49,10 @@ impl Job {
         store.put_doc("jobs", &self.key.to_hex(), self)
     }
 
+    /// The job recorded for `key`; a record that names another key (copied over it)
+    /// is not this key's job.
     pub fn load(store: &Store, key: &Digest) -> Result<Option<Job>, CacheError> {
-        store.get_doc("jobs", &key.to_hex())
+        Ok(store.get_doc::<Job>("jobs", &key.to_hex())?.filter(|j| j.key == *key))
     }
 
     /// Run the stage and record its entry. On error nothing is recorded: the cache is
@@ -59,12 +61,21 @@ impl Job {
         let started = Instant::now();
         let kind = registry.get(&self.kind).ok_or_else(|| JobError { message: format!("unknown stage kind `{}`", self.kind), log: String::new() })?;
         let tmp = store.tempdir(&format!("run-{}-", self.key.short()))?;
+        let how = if kind.runs_foreign_code() { Materialize::Copy } else { Materialize::Link };
         let mut inputs = BTreeMap::new();
+        // Linked blobs share their inode with the stage's input files: stamp them, so a
+        // body that writes to an input (a bug) is caught before anything is recorded.
+        let mut linked = Vec::new();
         for (port, digests) in &self.recorded.fingerprint.inputs {
             let mut dirs = Vec::new();
             for (i, d) in digests.iter().enumerate() {
                 let dir = tmp.path().join("in").join(port).join(i.to_string());
-                store.materialize(d, &dir)?;
+                let tree = store.materialize(d, &dir, how)?;
+                if how == Materialize::Link {
+                    for f in &tree.files {
+                        linked.push((format!("{port}/{}", f.path), f.digest, store.blob_stamp(&f.digest)));
+                    }
+                }
                 dirs.push(dir);
             }
             inputs.insert(port.clone(), dirs);
@@ -81,6 +92,19 @@ impl Job {
         let result = catch_unwind(AssertUnwindSafe(|| kind.run(&ctx)));
         let log = ctx.take_log();
         let fail = |message: String, log: &str| JobError { message, log: log.to_string() };
+        let mut damaged: Vec<(&str, Digest)> = Vec::new();
+        for (name, digest, stamp) in &linked {
+            if store.blob_stamp(digest) != *stamp && !damaged.iter().any(|(_, d)| d == digest) {
+                // Other stages must not be served it; the stage that made it re-runs.
+                store.discard_blob(digest).map_err(|e| fail(e.to_string(), &log))?;
+                damaged.push((name, *digest));
+            }
+        }
+        if let Some((name, _)) = damaged.first() {
+            let more = if damaged.len() > 1 { format!(" (and {} more)", damaged.len() - 1) } else { String::new() };
+            let message = format!("the stage wrote to its input file `{name}`{more}, which is shared with the cache: inputs are read-only; the damaged blobs were removed, so the stages that produced them will re-run");
+            return Err(fail(message, &log));
+        }
         match result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(fail(e.to_string(), &log)),
@@ -100,6 +124,9 @@ impl Job {
                 }
                 return Err(fail(format!("the stage did not produce its output `{}`", port.name), &log));
             }
+            // Links inside the stage's own directory become copies of their targets;
+            // links anywhere else are refused, never followed and never dropped.
+            fgflow_cache::capture::resolve_links(&dir, tmp.path()).map_err(|e| fail(format!("output `{}`: {e}", port.name), &log))?;
             let (d, _) = store.put_tree(&dir, true).map_err(|e| fail(e.to_string(), &log))?;
             outputs.insert(port.name.clone(), d);
         }

@@ -168,6 +168,12 @@ pub trait StageKind: Send + Sync + 'static {
     fn backend_sensitive(&self) -> bool {
         false
     }
+    /// Whether the body runs code fgflow does not control (the `command` kind's shell
+    /// commands). Such a kind gets private copies of its inputs; the others get hard
+    /// links to the read-only blobs, which cost nothing (see `Store::materialize`).
+    fn runs_foreign_code(&self) -> bool {
+        false
+    }
     /// Environment variables whose values are part of the key (the `command` kind's `env`).
     fn env(&self, _params: &Params) -> Vec<String> {
         Vec::new()

@@ -15,7 +15,7 @@ pub mod spec;
 pub mod value;
 
 pub use diagnostic::{SpecError, SpecErrors};
-pub use exec::{Event, Observer, Outcome, RunOptions, StageResult, run};
+pub use exec::{Event, MAX_JOBS, Observer, Outcome, RunOptions, StageResult, run, workers_for};
 pub use fingerprint::{Fingerprint, Recorded, SCHEMA};
 pub use job::{Job, JobError};
 pub use kind::{ArtifactType, NoProgress, ParamSpec, ParamType, PortSpec, ProgressSink, Resources, RunContext, StageError, StageKind};

@@ -12,11 +12,14 @@ use petgraph::algo::{tarjan_scc, toposort};
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::expand::expand;
-use crate::diagnostic::{Locator, SpecError, SpecErrors, offset_of};
+use crate::diagnostic::{Locator, MAX_VALUE_BYTES, SpecError, SpecErrors, needs_escape, offset_of, shown};
 use crate::kind::{ParamType, PortSpec, Resources, StageKind};
 use crate::registry::Registry;
 use crate::spec::{self, InputDecl};
 use crate::value::{Params, Value};
+
+/// The longest stage name accepted (`foreach` names `name@item` included).
+pub const MAX_NAME_BYTES: usize = 200;
 
 /// A reference to another stage's output.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -99,9 +102,11 @@ impl Pipeline {
             Ok(p) => p,
             Err((message, line, col)) => {
                 let off = offset_of(&src, line, col);
+                // ron reports a repeated key just after it: point at the key itself.
+                let span = if message.starts_with("duplicate key") { key_before(&src, off).unwrap_or((off, 1)) } else { (off, 1) };
                 let err = SpecError {
                     message: format!("invalid RON: {message}"),
-                    span: (off, 1).into(),
+                    span: span.into(),
                     label: "here".into(),
                     help: Some("a pipeline is `( stages: { \"name\": (kind: \"...\", params: {...}, inputs: {...}) } )`".into()),
                 };
@@ -117,6 +122,12 @@ impl Pipeline {
         for (name, section, field, message) in &expanded.errors {
             err(loc.field(name, section, field.as_deref()), message.clone(), "here", None);
         }
+        if let Some(Err(msg)) = parsed.backend.as_deref().map(|b| registry.check_backend(b)) {
+            err(loc.top_level("backend"), msg, "unknown backend", None);
+        }
+        if expanded.stages.is_empty() && expanded.errors.is_empty() {
+            err(loc.top_level("stages"), "the pipeline declares no stage".into(), "empty", Some("a pipeline needs at least one stage that is not a template".into()));
+        }
 
         // Pass 1: kinds and parameters, stage by stage.
         let mut seen = HashMap::new();
@@ -127,8 +138,13 @@ impl Pipeline {
                 err(loc.stage(sname), format!("stage `{sname}` is defined twice"), "second definition", Some("stage names must be unique".into()));
                 continue;
             }
-            if sname.contains('.') || sname.is_empty() {
-                err(loc.stage(sname), format!("stage name `{sname}` must be non-empty and contain no `.`"), "bad name", None);
+            if sname.contains('.') || sname.is_empty() || sname.chars().any(|c| c.is_control() || needs_escape(c)) {
+                err(loc.stage(sname), format!("stage name `{sname}` must be non-empty and contain no `.` and no control characters"), "bad name", None);
+            } else if sname.len() > MAX_NAME_BYTES {
+                // Names are printed in aligned columns and kept in refs: a bound keeps
+                // every table printable (a width over 65535 panics in `format!`).
+                let shown = crate::diagnostic::clip(sname, 40);
+                err(loc.stage(sname), format!("stage name `{shown}` is {} bytes long: at most {MAX_NAME_BYTES}", sname.len()), "name too long", None);
             }
             let Some(kind) = registry.get(decl_kind) else {
                 err(
@@ -141,8 +157,10 @@ impl Pipeline {
                 continue;
             };
             let specs = kind.params();
+            // One canonical form for every parameter, written or defaulted: the value
+            // goes through `convert`, then `Path` values are set aside as sources. So
+            // writing a default explicitly never changes a key.
             let mut params = BTreeMap::new();
-            let mut paths = BTreeMap::new();
             for (pname, raw) in &decl.params {
                 let Some(ps) = specs.iter().find(|p| p.name == pname) else {
                     let known: Vec<&str> = specs.iter().map(|p| p.name).collect();
@@ -156,9 +174,6 @@ impl Pipeline {
                 };
                 match convert(raw, &ps.ty) {
                     Ok(v) => {
-                        if let Some(list) = path_strings(&v, &ps.ty) {
-                            paths.insert(pname.clone(), list);
-                        }
                         params.insert(pname.clone(), v);
                     }
                     Err(msg) => err(
@@ -174,9 +189,17 @@ impl Pipeline {
                     continue;
                 }
                 match &ps.default {
-                    Some(d) => {
-                        params.insert(ps.name.to_string(), d.clone());
-                    }
+                    Some(d) => match convert(&to_ron(d), &ps.ty) {
+                        Ok(v) => {
+                            params.insert(ps.name.to_string(), v);
+                        }
+                        Err(msg) => err(
+                            loc.stage(sname),
+                            format!("kind `{decl_kind}`: the default of parameter `{}` is not a {}: {msg}", ps.name, ps.ty),
+                            "in this stage",
+                            Some("a bug in the stage kind: give the parameter explicitly".into()),
+                        ),
+                    },
                     None => err(
                         loc.stage(sname),
                         format!("stage `{sname}`: missing required parameter `{}` ({})", ps.name, ps.ty),
@@ -185,6 +208,8 @@ impl Pipeline {
                     ),
                 }
             }
+            let paths: BTreeMap<String, Vec<String>> =
+                specs.iter().filter_map(|ps| params.get(ps.name).and_then(|v| path_strings(v, &ps.ty)).map(|list| (ps.name.to_string(), list))).collect();
             let params = Params(params);
             if specs.iter().all(|ps| params.0.contains_key(ps.name)) {
                 for (field, msg) in kind.validate(&params) {
@@ -357,12 +382,12 @@ fn convert(v: &ron::Value, ty: &ParamType) -> Result<Value, String> {
         match v {
             R::Bool(b) => format!("found `{b}`"),
             R::Number(n) => format!("found `{}`", number_text(n)),
-            R::String(s) => format!("found \"{s}\""),
+            R::String(s) => format!("found \"{}\"", shown(s, MAX_VALUE_BYTES)),
             R::Seq(_) => "found a list".into(),
             R::Map(_) => "found a map".into(),
             R::Unit => "found `()`".into(),
             R::Option(_) => "found an option".into(),
-            R::Char(c) => format!("found '{c}'"),
+            R::Char(c) => format!("found '{}'", shown(&c.to_string(), MAX_VALUE_BYTES)),
             R::Bytes(_) => "found bytes".into(),
         }
     };
@@ -398,6 +423,31 @@ fn convert(v: &ron::Value, ty: &ParamType) -> Result<Value, String> {
             Ok(Value::Map(out))
         }
         _ => Err(found(v)),
+    }
+}
+
+/// The quoted key whose text starts at `off` (ron points just inside the quote).
+fn key_before(src: &str, off: usize) -> Option<(usize, usize)> {
+    let at = off.checked_sub(1).filter(|&at| src.as_bytes().get(at) == Some(&b'"'))?;
+    Some((at, crate::diagnostic::token_len(src, at).max(1)))
+}
+
+/// A canonical value back as RON, so defaults go through the same `convert` as
+/// written values.
+fn to_ron(v: &Value) -> ron::Value {
+    match v {
+        Value::Bool(b) => ron::Value::Bool(*b),
+        Value::Int(i) => ron::Value::Number(ron::Number::new(*i)),
+        Value::Float(x) => ron::Value::Number(ron::Number::new(*x)),
+        Value::Str(s) => ron::Value::String(s.clone()),
+        Value::List(items) => ron::Value::Seq(items.iter().map(to_ron).collect()),
+        Value::Map(m) => {
+            let mut out = ron::Map::new();
+            for (k, x) in m {
+                out.insert(ron::Value::String(k.clone()), to_ron(x));
+            }
+            ron::Value::Map(out)
+        }
     }
 }
 

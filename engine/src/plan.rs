@@ -167,18 +167,61 @@ pub fn diff(old: &Recorded, new: &Fingerprint, origins: &BTreeMap<String, Vec<St
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Refs {
     /// Absolute path of the pipeline file (gc keeps refs whose file still exists).
+    #[serde(with = "raw_path")]
     pub pipeline: PathBuf,
     pub stages: BTreeMap<String, Digest>,
 }
 
 pub fn refs_id(pipeline_file: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
     let abs = std::path::absolute(pipeline_file).unwrap_or_else(|_| pipeline_file.to_path_buf());
-    Digest::of_bytes(abs.to_string_lossy().as_bytes()).to_hex()[..16].to_string()
+    Digest::of_bytes(abs.as_os_str().as_bytes()).to_hex()[..16].to_string()
 }
 
+/// A path as JSON without loss: a string when it is UTF-8 (every path in practice, and
+/// readable), else its raw bytes as an array (a file name is any bytes on Unix).
+mod raw_path {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Text(String),
+        Bytes(Vec<u8>),
+    }
+
+    pub fn serialize<S: Serializer>(p: &PathBuf, s: S) -> Result<S::Ok, S::Error> {
+        match p.to_str() {
+            Some(t) => Written::Text(t.to_string()),
+            None => Written::Bytes(p.as_os_str().as_bytes().to_vec()),
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        Ok(match Written::deserialize(d)? {
+            Written::Text(t) => PathBuf::from(t),
+            Written::Bytes(b) => PathBuf::from(OsString::from_vec(b)),
+        })
+    }
+}
+
+/// The refs of a pipeline file, for a run (which rewrites them at its end). Refs are
+/// an optimisation (reasons, gc roots): a damaged file is set aside with a warning and
+/// read as empty, and the run rebuilds it; only an I/O failure such as permissions
+/// is an error.
 pub fn load_refs(store: &Store, pipeline_file: &Path) -> Result<Refs, CacheError> {
+    read_refs(store, pipeline_file, true)
+}
+
+/// `load_refs` for readers (`plan`): a damaged file is only warned about.
+fn read_refs(store: &Store, pipeline_file: &Path, set_aside: bool) -> Result<Refs, CacheError> {
     let abs = std::path::absolute(pipeline_file).unwrap_or_else(|_| pipeline_file.to_path_buf());
-    Ok(store.get_doc("refs", &refs_id(pipeline_file))?.unwrap_or(Refs { pipeline: abs, stages: BTreeMap::new() }))
+    Ok(store.get_doc_lenient("refs", &refs_id(pipeline_file), set_aside)?.unwrap_or(Refs { pipeline: abs, stages: BTreeMap::new() }))
 }
 
 pub fn save_refs(store: &Store, pipeline_file: &Path, refs: &Refs) -> Result<(), CacheError> {
@@ -246,7 +289,7 @@ pub struct Planned {
 
 /// Plan every stage without running anything.
 pub fn plan(p: &Pipeline, store: &Store, sources: &Sources, backend: &str) -> Result<Vec<Planned>, CacheError> {
-    let refs = load_refs(store, &p.file)?;
+    let refs = read_refs(store, &p.file, false)?;
     let mut outputs: HashMap<String, BTreeMap<String, Digest>> = HashMap::new();
     let mut status_of: HashMap<String, Status> = HashMap::new();
     let mut out = Vec::new();

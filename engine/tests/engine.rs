@@ -508,3 +508,130 @@ fn foreach_and_extends_expand_into_stably_named_stages() {
     assert!(all.contains("`extends` forms a cycle: a -> b -> a"), "{all}");
     assert!(all.contains("give it in `first`"), "{all}");
 }
+
+// ---- issue 9: hostile pipelines (items 7, 11, 13, 15, 18) --------------------------
+
+/// Parameters whose written and default forms used to differ: a `List(Path)` default
+/// (classified as a source only when written) and an integer default of a float.
+struct Defaults;
+impl StageKind for Defaults {
+    fn name(&self) -> &'static str { "defaults" }
+    fn version(&self) -> u32 { 1 }
+    fn summary(&self) -> &'static str { "defaults" }
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::optional("deps", ParamType::List(&ParamType::Path), Value::List(vec![]), ""),
+            ParamSpec::optional("ratio", ParamType::Float, 1, ""),
+            ParamSpec::optional("ratios", ParamType::List(&ParamType::Float), vec![1, 2], ""),
+            ParamSpec::optional("label", ParamType::Str, "x", ""),
+            ParamSpec::optional("env", ParamType::StrMap, Value::Map(Default::default()), ""),
+        ]
+    }
+    fn inputs(&self) -> Vec<PortSpec> { vec![] }
+    fn outputs(&self, _: &Params) -> Vec<PortSpec> { vec![PortSpec::one("out", TEXT, "")] }
+    fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
+        std::fs::write(ctx.output_dir("out")?.join("value.txt"), "d").map_err(|e| StageError::io("write", e))
+    }
+}
+
+fn hostile_registry() -> Registry {
+    let mut r = registry();
+    r.register(Defaults).set_backends(&["flex", "cuda"]);
+    r
+}
+
+fn key_of_stage(src: &str, stage: &str) -> fgflow_cache::Digest {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.ron");
+    let p = Pipeline::from_source(&file, src.to_string(), &hostile_registry()).unwrap_or_else(|e| panic!("{}", e.render_plain()));
+    let sources = resolve_sources(&p, &mut StatCache::default()).unwrap();
+    plan::fingerprint(p.stage(stage).unwrap(), &sources[stage], &Default::default(), "test").0.key()
+}
+
+#[test]
+fn a_default_written_explicitly_gives_the_same_key() {
+    let omitted = key_of_stage(r#"( stages: { "d": (kind: "defaults") } )"#, "d");
+    for written in [r#""deps": []"#, r#""ratio": 1"#, r#""ratio": 1.0"#, r#""ratios": [1, 2.0]"#, r#""label": "x""#, r#""env": {}"#] {
+        let src = format!(r#"( stages: {{ "d": (kind: "defaults", params: {{ {written} }}) }} )"#);
+        assert_eq!(key_of_stage(&src, "d"), omitted, "writing {written} changed the key");
+    }
+    let all = r#"( stages: { "d": (kind: "defaults", params: { "deps": [], "ratio": 1, "ratios": [1, 2], "label": "x", "env": {} }) } )"#;
+    assert_eq!(key_of_stage(all, "d"), omitted);
+    let other = r#"( stages: { "d": (kind: "defaults", params: { "ratio": 2 }) } )"#;
+    assert_ne!(key_of_stage(other, "d"), omitted, "a different value still changes the key");
+}
+
+/// Lines of the errors of `src` under the hostile registry.
+fn hostile_errors(src: &str) -> Vec<String> {
+    match Pipeline::from_source(std::path::Path::new("p.ron"), src.to_string(), &hostile_registry()) {
+        Ok(_) => panic!("expected errors in {src}"),
+        Err(e) => e.lines(),
+    }
+}
+
+fn assert_located(lines: &[String], needle: &str, line: usize) {
+    assert!(lines.iter().any(|l| l.starts_with(&format!("p.ron:{line}:")) && l.contains(needle)), "no {needle:?} on line {line} in {lines:#?}");
+}
+
+#[test]
+fn zero_stages_repeated_keys_and_unknown_backends_are_located_load_errors() {
+    let e = hostile_errors("( stages: {\n  \"s\": (kind: \"emit\", foreach: [], params: { \"value\": \"x\" }),\n} )");
+    assert_located(&e, "`foreach` has no items", 2);
+    let e = hostile_errors("( stages: {\n  \"t\": (template: true, kind: \"emit\"),\n} )");
+    assert_located(&e, "declares no stage", 1);
+    let e = hostile_errors("( stages: {\n  \"a\": (kind: \"emit\", params: { \"value\": \"x\",\n    \"value\": \"y\" }),\n} )");
+    assert_located(&e, "duplicate key \"value\"", 3);
+    let e = hostile_errors("( stages: {\n  \"a\": (kind: \"emit\", params: { \"value\": \"x\" }),\n  \"b\": (kind: \"concat\", inputs: { \"parts\": [\"a.out\"], \"parts\": [] }),\n} )");
+    assert_located(&e, "duplicate key \"parts\"", 3);
+    let e = hostile_errors("( stages: {\n  \"d\": (kind: \"defaults\", params: { \"env\": { \"A\": \"1\", \"A\": \"2\" } }),\n} )");
+    assert_located(&e, "duplicate key \"A\"", 2);
+    let e = hostile_errors("(\n  backend: \"tpu\",\n  stages: { \"a\": (kind: \"emit\", params: { \"value\": \"x\" }) },\n)");
+    assert_located(&e, "unknown backend \"tpu\": expected one of \"flex\", \"cuda\"", 2);
+    // Every backend the registry lists is accepted, compiled in or not.
+    let p = Pipeline::from_source(std::path::Path::new("p.ron"), "( backend: \"cuda\", stages: { \"a\": (kind: \"emit\", params: { \"value\": \"x\" }) } )".into(), &hostile_registry());
+    assert!(p.is_ok());
+}
+
+#[test]
+fn control_characters_in_stage_names_are_located_load_errors() {
+    for (name, written) in [("newline", "a\\nb"), ("escape", "a\\u{1b}[31m"), ("raw escape", "a\u{1b}[2J"), ("bell", "a\\x07"), ("bidi", "a\u{202e}b")] {
+        let src = format!("( stages: {{\n  \"ok\": (kind: \"emit\", params: {{ \"value\": \"x\" }}),\n  \"{written}\": (kind: \"emit\", params: {{ \"value\": \"x\" }}),\n}} )");
+        let e = hostile_errors(&src);
+        assert_located(&e, "no control characters", 3);
+        assert!(e.iter().all(|l| !l.contains('\u{1b}') && !l.contains('\u{7}') && !l.contains('\u{202e}')), "{name}: raw control character in {e:?}");
+        let rendered = match Pipeline::from_source(std::path::Path::new("p.ron"), src.clone(), &hostile_registry()) {
+            Err(e) => e.render_plain(),
+            Ok(_) => unreachable!(),
+        };
+        assert!(!rendered.contains('\u{1b}') && !rendered.contains('\u{202e}'), "{name}: {rendered}");
+    }
+    // A foreach item becomes part of a name: the same rule.
+    let e = hostile_errors("( stages: {\n  \"r\": (kind: \"emit\", foreach: [\"a\\u{1b}\"], params: { \"value\": \"x\" }),\n} )");
+    assert_located(&e, "control characters", 2);
+}
+
+#[test]
+fn huge_values_are_clipped_in_messages_and_snippets() {
+    let big = "v".repeat(1 << 20);
+    let src = format!("( stages: {{\n  \"a\": (kind: \"emit\", params: {{ \"value\": \"x\", \"ms\": \"{big}\" }}),\n  \"{big}\": (kind: \"emit\"),\n}} )");
+    let e = match Pipeline::from_source(std::path::Path::new("p.ron"), src, &hostile_registry()) {
+        Err(e) => e,
+        Ok(_) => panic!("expected errors"),
+    };
+    let rendered = e.render_plain();
+    assert!(rendered.len() < 12_000, "{} bytes rendered", rendered.len());
+    assert!(rendered.contains(&format!("({} bytes)", big.len())), "{rendered}");
+    assert!(e.lines().iter().map(String::len).sum::<usize>() < 8_000);
+    assert_located(&e.lines(), "parameter `ms`: expected integer", 2);
+}
+
+#[test]
+fn any_number_of_jobs_runs_without_aborting() {
+    let f = Fixture::new();
+    f.write(&chain("B", "!"));
+    let (results, _) = f.run_with(usize::MAX, false);
+    assert!(results.iter().all(|r| r.status == Outcome::Ran), "{results:?}");
+    assert_eq!(workers_for(usize::MAX, 4), 4);
+    assert_eq!(workers_for(100_000, 10_000), MAX_JOBS);
+    assert_eq!(workers_for(0, 3), 1);
+}

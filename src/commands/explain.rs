@@ -9,6 +9,7 @@ use fgflow_engine::{Reason, Status};
 
 use crate::app::{App, CliError, CliResult, out};
 use crate::commands::status::plan;
+use crate::console::{REASON_BYTES, esc, shown};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,7 +26,7 @@ pub fn run(app: &App, a: Args) -> CliResult {
     let (p, planned) = plan(app, &file, a.backend)?;
     let Some(st) = planned.iter().find(|s| s.name == a.stage) else {
         let names: Vec<&str> = planned.iter().map(|s| s.name.as_str()).collect();
-        return Err(CliError::Usage(format!("no stage `{}` in {}; stages: {}", a.stage, file.display(), names.join(", "))));
+        return Err(CliError::Usage(format!("no stage `{}` in {}; stages: {}", esc(&a.stage), esc(&file.display().to_string()), shown(&names.join(", "), 2000))));
     };
     out(&explain(&p, &planned, st))?;
     Ok(ExitCode::SUCCESS)
@@ -35,10 +36,11 @@ pub fn explain(p: &fgflow_engine::Pipeline, planned: &[fgflow_engine::Planned], 
     let stage = p.stage(&st.name).expect("planned stages come from the pipeline");
     let mut s = String::new();
     let kind = stage.kind.name();
+    let name = esc(&st.name);
     match st.status {
-        Status::Fresh => s.push_str(&format!("`{}` ({kind}) is fresh: key {} is in the cache\n", st.name, st.key.map(|k| k.short()).unwrap_or_default())),
-        Status::Stale => s.push_str(&format!("`{}` ({kind}) is stale: key {} is not in the cache\n", st.name, st.key.map(|k| k.short()).unwrap_or_default())),
-        Status::Pending => s.push_str(&format!("`{}` ({kind}) is pending: its key is known once its upstream stages have run\n", st.name)),
+        Status::Fresh => s.push_str(&format!("`{name}` ({kind}) is fresh: key {} is in the cache\n", st.key.map(|k| k.short()).unwrap_or_default())),
+        Status::Stale => s.push_str(&format!("`{name}` ({kind}) is stale: key {} is not in the cache\n", st.key.map(|k| k.short()).unwrap_or_default())),
+        Status::Pending => s.push_str(&format!("`{name}` ({kind}) is pending: its key is known once its upstream stages have run\n")),
     }
     match &st.previous {
         Some((k, _)) => s.push_str(&format!("  last run: key {}\n", k.short())),
@@ -55,10 +57,12 @@ pub fn explain(p: &fgflow_engine::Pipeline, planned: &[fgflow_engine::Planned], 
                     let producer = origin.rsplit_once('.').map(|(s, _)| s).unwrap_or(origin);
                     let why = planned.iter().find(|x| x.name == producer).map(|x| match x.status {
                         Status::Fresh => "its producer's cached result differs from the one used last time".to_string(),
-                        _ => format!("produced by `{producer}`, which is {:?}", x.status).to_lowercase(),
+                        _ => format!("produced by `{}`, which is {}", esc(producer), format!("{:?}", x.status).to_lowercase()),
                     });
                     s.push_str(&format!(
-                        "  - input `{port}` from `{origin}`: {} -> {} ({})\n",
+                        "  - input `{}` from `{}`: {} -> {} ({})\n",
+                        esc(port),
+                        esc(origin),
                         o.unwrap_or_else(|| "(none)".into()),
                         n.unwrap_or_else(|| "(none)".into()),
                         why.unwrap_or_default()
@@ -67,10 +71,10 @@ pub fn explain(p: &fgflow_engine::Pipeline, planned: &[fgflow_engine::Planned], 
             }
             Reason::Upstream { stage } => {
                 let up = planned.iter().find(|x| &x.name == stage);
-                let detail = up.map(|u| u.reasons.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("; ")).unwrap_or_default();
-                s.push_str(&format!("  - waits for upstream `{stage}` ({detail})\n"));
+                let detail = up.map(|u| u.reasons.iter().map(|r| shown(&r.to_string(), REASON_BYTES)).collect::<Vec<_>>().join("; ")).unwrap_or_default();
+                s.push_str(&format!("  - waits for upstream `{}` ({detail})\n", esc(stage)));
             }
-            other => s.push_str(&format!("  - {other}\n")),
+            other => s.push_str(&format!("  - {}\n", shown(&other.to_string(), REASON_BYTES))),
         }
     }
     if st.status == Status::Stale && st.reasons.is_empty() {
@@ -78,7 +82,7 @@ pub fn explain(p: &fgflow_engine::Pipeline, planned: &[fgflow_engine::Planned], 
     }
     let down = p.downstream(&st.name);
     if !down.is_empty() && st.status != Status::Fresh {
-        s.push_str(&format!("  re-running it may also re-run: {}\n", down.join(", ")));
+        s.push_str(&format!("  re-running it may also re-run: {}\n", esc(&down.join(", "))));
     }
     s
 }

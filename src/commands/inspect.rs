@@ -93,7 +93,7 @@ pub fn ls(app: &App, a: LsArgs) -> CliResult {
     let mut rows = Vec::new();
     for key in app.store.entry_keys()? {
         if let Some(e) = app.store.get_entry(&key)? {
-            let size: u64 = e.outputs.values().filter_map(|d| app.store.read_tree(d).ok()).map(|t| t.total_size()).sum();
+            let size = e.outputs.values().filter_map(|d| app.store.read_tree(d).ok()).fold(0u64, |a, t| a.saturating_add(t.total_size()));
             rows.push((e, size));
         }
     }
@@ -105,10 +105,10 @@ pub fn ls(app: &App, a: LsArgs) -> CliResult {
             .collect();
         out(&format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()))?;
     } else {
-        let w = rows.iter().map(|r| r.0.stage.len()).max().unwrap_or(5).max(5);
+        let w = crate::console::column_width(rows.iter().map(|r| r.0.stage.as_str()), 5);
         let mut s = format!("{:<12}  {:<w$}  {:<14}  {:<20}  {:>10}\n", "key", "stage", "kind", "created", "bytes");
         for (e, size) in &rows {
-            s.push_str(&format!("{}  {:<w$}  {:<14}  {:<20}  {:>10}\n", e.key.short(), e.stage, e.kind, date(e.created_unix), size));
+            s.push_str(&format!("{}  {:<w$}  {:<14}  {:<20}  {:>10}\n", e.key.short(), crate::console::esc(&e.stage), crate::console::esc(&e.kind), date(e.created_unix), size));
         }
         s.push_str(&format!("{} entries\n", rows.len()));
         out(&s)?;
@@ -120,7 +120,7 @@ pub fn ls(app: &App, a: LsArgs) -> CliResult {
 /// text and the summaries by output name.
 pub fn describe(app: &App, e: &Entry) -> Result<(String, serde_json::Map<String, serde_json::Value>), CliError> {
     let kind = app.registry.get(&e.kind).cloned();
-    let tmp = app.store.tempdir("show-")?;
+    let tmp = app.tempdir("show-")?;
     let mut summaries = serde_json::Map::new();
     let mut outputs = String::new();
     for (name, d) in &e.outputs {
@@ -128,7 +128,7 @@ pub fn describe(app: &App, e: &Entry) -> Result<(String, serde_json::Map<String,
         outputs.push_str(&format!("  {name:<12} {}  {} file(s), {} bytes\n", d.short(), tree.files.len(), tree.total_size()));
         if let Some(k) = &kind {
             let dir = tmp.path().join(name);
-            app.store.materialize(d, &dir)?;
+            app.store.materialize(d, &dir, fgflow_cache::Materialize::Link)?;
             if let Some(text) = k.describe_output(name, &dir) {
                 for l in text.lines() {
                     outputs.push_str(&format!("      {l}\n"));
@@ -190,34 +190,94 @@ pub fn show(app: &App, a: ShowArgs) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Copies an output out of the cache. Files are new files, made like `cp` makes one
+/// (mode 0666 less the umask, so 0644 under umask 022; directories 0777 less the
+/// umask), never hard links to blobs. Each file is written to a fresh temp file beside
+/// its destination (`create_new`, so nothing already there is opened or followed),
+/// then renamed over it: a symbolic link at the destination is replaced, not written
+/// through. Below the destination directory, a symbolic link in the way is an error,
+/// so nothing is written outside it; the tree's paths were checked when it was read.
 pub fn export(app: &App, a: ExportArgs) -> CliResult {
     let (target, output) = a.what.rsplit_once('.').ok_or_else(|| CliError::Usage(format!("`{}`: expected STAGE.OUTPUT", a.what)))?;
     let e = resolve(app, target, a.pipeline)?;
     let d = e.outputs.get(output).ok_or_else(|| {
         CliError::Usage(format!("`{target}` has no output `{output}`; outputs: {}", e.outputs.keys().cloned().collect::<Vec<_>>().join(", ")))
     })?;
-    let tree = app.store.read_tree(d)?;
+    let tree = app.store.read_tree(d).map_err(|err| CliError::Failed(format!("cannot export `{}`: {err} (run `fgflow verify`)", a.what)))?;
     let single = tree.files.len() == 1 && !a.dest.is_dir();
     let mut n = 0;
     for f in &tree.files {
-        let dest = if single { a.dest.clone() } else { a.dest.join(&f.path) };
-        if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|err| CliError::Failed(format!("{}: {err}", parent.display())))?;
-        }
-        copy_writable(&app.store.blob_path(&f.digest), &dest)?;
+        let dest = if single {
+            if let Some(parent) = a.dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|err| CliError::Failed(format!("{}: {err}", parent.display())))?;
+            }
+            a.dest.clone()
+        } else {
+            dest_inside(&a.dest, &f.path)?
+        };
+        write_new_file(&app.store.blob_path(&f.digest), &dest)?;
         n += 1;
     }
     out(&format!("exported {n} file(s) of {}.{output} ({}) to {}\n", e.stage, d.short(), a.dest.display()))?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Copy (never link: an exported file is the user's to edit) and make it writable.
-fn copy_writable(from: &Path, to: &Path) -> Result<(), CliError> {
-    std::fs::copy(from, to).map_err(|e| CliError::Failed(format!("{}: {e}", to.display())))?;
-    let mut perm = std::fs::metadata(to).map_err(|e| CliError::Failed(e.to_string()))?.permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perm.set_readonly(false);
-    std::fs::set_permissions(to, perm).map_err(|e| CliError::Failed(e.to_string()))
+/// `root/rel`, creating the directories between them; refuses to pass through a
+/// symbolic link or a non-directory below `root` (`root` itself is the user's choice).
+fn dest_inside(root: &Path, rel: &str) -> Result<PathBuf, CliError> {
+    let fail = |p: &Path, why: String| CliError::Failed(format!("{}: {why}", p.display()));
+    fgflow_cache::tree::check_path(rel).map_err(|err| fail(root, format!("refusing to export: {err}")))?;
+    std::fs::create_dir_all(root).map_err(|err| fail(root, err.to_string()))?;
+    let parts: Vec<&str> = rel.split('/').collect();
+    let mut p = root.to_path_buf();
+    for part in &parts[..parts.len() - 1] {
+        p.push(part);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_dir() => {}
+            Ok(m) if m.file_type().is_symlink() => return Err(fail(&p, "is a symbolic link: refusing to write through it".into())),
+            Ok(_) => return Err(fail(&p, "is in the way: not a directory".into())),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => match std::fs::create_dir(&p) {
+                Ok(()) => {}
+                // Created meanwhile by someone else: fine only if it is a real directory.
+                Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists && std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_dir()) => {}
+                Err(err) => return Err(fail(&p, err.to_string())),
+            },
+            Err(err) => return Err(fail(&p, err.to_string())),
+        }
+    }
+    p.push(parts[parts.len() - 1]);
+    Ok(p)
+}
+
+/// Copy the blob `from` to a new file at `to` (see `export`): never a link, never
+/// through what is already at `to`.
+fn write_new_file(from: &Path, to: &Path) -> Result<(), CliError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let fail = |p: &Path, err: std::io::Error| CliError::Failed(format!("{}: {err}", p.display()));
+    if !std::fs::symlink_metadata(from).is_ok_and(|m| m.file_type().is_file()) {
+        return Err(CliError::Failed(format!("{}: missing or not a file (run `fgflow verify`)", from.display())));
+    }
+    if std::fs::symlink_metadata(to).is_ok_and(|m| m.file_type().is_dir()) {
+        return Err(CliError::Failed(format!("{}: is a directory", to.display())));
+    }
+    let dir = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let (tmp, mut file) = loop {
+        let tmp = dir.join(format!(".{name}.fgflow-export-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(f) => break (tmp, f),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(err) => return Err(fail(&tmp, err)),
+        }
+    };
+    let written = std::fs::File::open(from).map_err(|err| fail(from, err)).and_then(|mut src| std::io::copy(&mut src, &mut file).map_err(|err| fail(to, err)));
+    drop(file);
+    if let Err(err) = written.and_then(|_| std::fs::rename(&tmp, to).map_err(|err| fail(to, err))) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err);
+    }
+    Ok(())
 }
 
 pub fn diff(app: &App, a: DiffArgs) -> CliResult {

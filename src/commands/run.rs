@@ -15,8 +15,9 @@ use crate::console::{Console, secs};
 pub struct Args {
     /// The pipeline file (pipelines/NAME.ron).
     pub pipeline: PathBuf,
-    /// Run up to N independent stages at once (heavy stages never overlap).
-    #[arg(short, long, default_value_t = default_jobs())]
+    /// Run up to N independent stages at once (heavy stages never overlap). At least 1;
+    /// more than 256 workers are never started (a note says so).
+    #[arg(short, long, default_value_t = default_jobs(), value_parser = parse_jobs)]
     pub jobs: usize,
     /// Stop starting stages after the first failure.
     #[arg(long)]
@@ -30,10 +31,22 @@ pub struct Args {
     /// Do not print the summaries of the final stages (those nothing else reads).
     #[arg(short, long)]
     pub quiet: bool,
+    /// After the run, write its HTML report (and data) into DIR, as `fgflow report` does.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
 }
 
 fn default_jobs() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(fgflow_engine::MAX_JOBS)
+}
+
+/// `--jobs 0` is a usage error (exit 2): zero workers would run nothing.
+fn parse_jobs(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("expected a positive whole number: {e}")),
+    }
 }
 
 #[derive(Serialize)]
@@ -66,13 +79,20 @@ struct Summary {
 pub fn run(app: &App, a: Args) -> CliResult {
     let started = Instant::now();
     let p = app.load(&a.pipeline)?;
+    let backend = app.backend(a.backend, &p)?;
+    let (sources, hashing, stat) = app.sources(&p)?;
+    // The pipeline is valid and its sources readable: only now is the cache created
+    // or changed.
+    let store = app.writable()?;
+    app.save_stat(stat)?;
     app.remember(&a.pipeline);
-    let (sources, hashing) = app.sources(&p)?;
-    let backend = app.backend(a.backend, &p);
-    let width = p.stages.iter().map(|s| s.name.len()).max().unwrap_or(8);
+    if a.jobs > fgflow_engine::MAX_JOBS {
+        eprintln!("note: --jobs {} capped at {} workers (the most fgflow starts)", a.jobs, fgflow_engine::MAX_JOBS);
+    }
+    let width = crate::console::column_width(p.stages.iter().map(|s| s.name.as_str()), 1);
     let console = Console::new(!a.json, width);
-    let opts = RunOptions { jobs: a.jobs.max(1), fail_fast: a.fail_fast, backend };
-    let results = fgflow_engine::run(&p, &app.store, &app.registry, &sources, &opts, &console)?;
+    let opts = RunOptions { jobs: a.jobs, fail_fast: a.fail_fast, backend };
+    let results = fgflow_engine::run(&p, &store, &app.registry, &sources, &opts, &console)?;
     let mut sum = Summary {
         duration_ms: started.elapsed().as_millis() as u64,
         sources_cached: hashing.cached,
@@ -90,7 +110,7 @@ pub fn run(app: &App, a: Args) -> CliResult {
     }
     if a.json {
         let stages: Vec<StageJson> = results.iter().map(stage_json).collect();
-        let doc = serde_json::json!({ "pipeline": a.pipeline, "stages": stages, "summary": sum });
+        let doc = serde_json::json!({ "pipeline": a.pipeline.to_string_lossy(), "stages": stages, "summary": sum });
         out(&format!("{}\n", serde_json::to_string_pretty(&doc).unwrap_or_default()))?;
     } else {
         // The final results: what the stages nothing else reads produced (the
@@ -114,6 +134,14 @@ pub fn run(app: &App, a: Args) -> CliResult {
             sum.skipped,
             secs(started.elapsed())
         ))?;
+    }
+    if let Some(dir) = &a.report {
+        let page = crate::report::write(app, &p, Some(&results), dir)?;
+        if a.json {
+            eprintln!("report: {}", page.display());
+        } else {
+            out(&format!("report: {}\n", page.display()))?;
+        }
     }
     Ok(if sum.failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use fgflow_engine::{Planned, Status};
 
 use crate::app::{App, CliResult, out};
+use crate::console::{REASON_BYTES, esc, shown};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,14 +19,14 @@ pub struct Args {
 
 pub fn plan(app: &App, pipeline: &std::path::Path, backend: Option<String>) -> Result<(fgflow_engine::Pipeline, Vec<Planned>), crate::app::CliError> {
     let p = app.load(pipeline)?;
-    let (sources, _) = app.sources(&p)?;
-    let backend = app.backend(backend, &p);
+    let backend = app.backend(backend, &p)?;
+    let (sources, _, _) = app.sources(&p)?;
     let planned = fgflow_engine::plan(&p, &app.store, &sources, &backend)?;
     Ok((p, planned))
 }
 
 pub fn render(planned: &[Planned]) -> String {
-    let w = planned.iter().map(|s| s.name.len()).max().unwrap_or(8);
+    let w = crate::console::column_width(planned.iter().map(|s| s.name.as_str()), 1);
     let mut s = String::new();
     for st in planned {
         let status = match st.status {
@@ -34,8 +35,8 @@ pub fn render(planned: &[Planned]) -> String {
             Status::Pending => "pending",
         };
         let key = st.key.map(|k| k.short()).unwrap_or_else(|| "-".repeat(12));
-        let why = st.reasons.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("; ");
-        s.push_str(format!("  {status:<8} {:<w$}  {key}  {why}", st.name).trim_end());
+        let why = st.reasons.iter().map(|r| shown(&r.to_string(), REASON_BYTES)).collect::<Vec<_>>().join("; ");
+        s.push_str(format!("  {status:<8} {:<w$}  {key}  {why}", esc(&st.name)).trim_end());
         s.push('\n');
     }
     let count = |x: Status| planned.iter().filter(|p| p.status == x).count();
@@ -59,7 +60,7 @@ pub fn run(app: &App, a: Args) -> CliResult {
                 })
             })
             .collect();
-        let doc = serde_json::json!({ "pipeline": a.pipeline, "stages": stages });
+        let doc = serde_json::json!({ "pipeline": a.pipeline.to_string_lossy(), "stages": stages });
         out(&format!("{}\n", serde_json::to_string_pretty(&doc).unwrap_or_default()))?;
     } else {
         out(&render(&planned))?;

@@ -13,9 +13,11 @@ use fgflow_engine::Registry;
 /// (chosen by measurement: see ARCHITECTURE.md).
 pub const DEFAULT_BACKEND: &str = "flex";
 
-/// Every stage kind the shipped binary knows.
+/// Every stage kind the shipped binary knows, and every backend name it accepts
+/// (those not compiled in are accepted here and fail with their own clear error).
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     kinds::register_all(&mut r);
+    r.set_backends(ml::backend::BACKENDS);
     r
 }

@@ -4,6 +4,7 @@ use fgflow_engine::Registry;
 
 mod clean;
 mod command;
+pub use command::stop_commands_on_interrupt;
 mod ensemble;
 mod evaluate;
 mod import;

@@ -13,6 +13,12 @@ use crate::types::{GROUND_TRUTH, IMAGE_SET, LABELLED_SET};
 
 pub struct QuickDraw;
 
+/// Classes in the committed data (`data/quickdraw/classes.txt`): `classes` must leave at
+/// least one of them for open-set noise.
+pub const SOURCE_CLASSES: usize = 345;
+/// Drawings per class in the committed data: the per-class counts must fit in them.
+pub const DRAWINGS_PER_CLASS: usize = 100;
+
 fn config(p: &Params) -> Result<BenchmarkConfig, StageError> {
     Ok(BenchmarkConfig {
         // Negative seeds are fine: only the bits matter.
@@ -83,12 +89,59 @@ impl StageKind for QuickDraw {
         ]
     }
 
+    /// Every numeric parameter is range-checked here, at load time, against the
+    /// committed data, so a value the data cannot satisfy (or a negative count) is a
+    /// located error instead of a failure when the stage runs. A regenerated data folder
+    /// with more drawings needs these limits raised.
     fn validate(&self, params: &Params) -> Vec<(String, String)> {
-        match config(params) {
-            Ok(cfg) => cfg.check(),
-            // Type errors are the engine's to report.
-            Err(_) => Vec::new(),
+        let cfg = match config(params) {
+            Ok(cfg) => cfg,
+            Err(_) => {
+                // Report every field that does not parse (a negative count), not just the first.
+                let mut errs = Vec::new();
+                for f in ["classes", "val_per_class", "testa_per_class", "testb_per_class", "train_max"] {
+                    errs.extend(StageError::field_errors(params.usize(f)));
+                }
+                errs.extend(StageError::field_errors(params.int("seed")));
+                for f in ["imbalance", "noise", "near_share", "open_set"] {
+                    errs.extend(StageError::field_errors(params.float(f)));
+                }
+                return errs;
+            }
+        };
+        let mut errs = cfg.check();
+        let mut err = |f: &str, m: String| {
+            if !errs.iter().any(|(g, _)| g == f) {
+                errs.push((f.to_string(), m));
+            }
+        };
+        if cfg.classes >= SOURCE_CLASSES {
+            err("classes", format!("must be at most {} (the data has {SOURCE_CLASSES} classes and at least one must be left for open-set noise), found {}", SOURCE_CLASSES - 1, cfg.classes));
         }
+        let counts = [("val_per_class", cfg.val_per_class), ("testa_per_class", cfg.testa_per_class), ("testb_per_class", cfg.testb_per_class), ("train_max", cfg.train_max)];
+        for (f, v) in counts {
+            if !(1..=DRAWINGS_PER_CLASS).contains(&v) {
+                err(f, format!("must be between 1 and {DRAWINGS_PER_CLASS} (drawings per class in the data), found {v}"));
+            }
+        }
+        let needed: usize = counts.iter().map(|(_, v)| (*v).min(DRAWINGS_PER_CLASS + 1)).sum();
+        if counts.iter().all(|(_, v)| (1..=DRAWINGS_PER_CLASS).contains(v)) && needed > DRAWINGS_PER_CLASS {
+            err("train_max", format!("val_per_class + testa_per_class + testb_per_class + train_max = {needed}, but the data has {DRAWINGS_PER_CLASS} drawings per class"));
+        }
+        // The tail class keeps round(train_max / imbalance) images: at least one.
+        if cfg.imbalance.is_finite() && cfg.imbalance >= 1.0 && (1..=DRAWINGS_PER_CLASS).contains(&cfg.train_max) && (cfg.train_max as f64 / cfg.imbalance).round() < 1.0 {
+            err("imbalance", format!("must be at most {} (twice `train_max`, so the tail class keeps an image), found {}", 2 * cfg.train_max, cfg.imbalance));
+        }
+        // Open-set images come from the classes left out of the vocabulary.
+        if errs.is_empty() {
+            let n_in: usize = cfg.tail_counts().iter().sum();
+            let n_open = (cfg.open_set * n_in as f64 / (1.0 - cfg.open_set)).round();
+            let pool = (SOURCE_CLASSES - cfg.classes) * DRAWINGS_PER_CLASS;
+            if n_open > pool as f64 {
+                errs.push(("open_set".into(), format!("{} needs {n_open} open-set images but the {} classes left out of the vocabulary hold {pool}", cfg.open_set, SOURCE_CLASSES - cfg.classes)));
+            }
+        }
+        errs
     }
 
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
