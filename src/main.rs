@@ -59,6 +59,9 @@ enum Verb {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // First: the Slurm executor's handler (installed later by `run`) cancels its jobs,
+    // then hands the signal back to this one, which kills running commands' groups.
+    fgflow_stages::kinds::stop_commands_on_interrupt();
     use app::Access::{Read, Write};
     // `run` opens the cache for reading and creates it only once its pipeline is
     // valid; reading verbs never write; `gc`, `verify` and `exec-job` need it writable.

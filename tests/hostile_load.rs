@@ -254,6 +254,18 @@ fn control_characters_from_files_and_stages_print_escaped() {
     assert!(!o.stderr.contains(&0x1b), "{}", stderr(&o));
 }
 
+/// Item 7, the issue's example through the binary: `"deps": []` and no `deps` are one key.
+#[test]
+fn deps_written_empty_or_left_out_give_one_key() {
+    let d = Dir::new();
+    let key = |params: &str| {
+        d.write("pipelines/p.ron", &format!(r#"( stages: {{ "a": (kind: "command", params: {{ "cmd": "true > o.txt", "outputs": {{ "o": "o.txt" }}{params} }}) }} )"#));
+        d.json(&["status", "pipelines/p.ron", "--json"])["stages"][0]["key"].clone()
+    };
+    assert_eq!(key(""), key(r#", "deps": []"#));
+    assert_eq!(key(""), key(r#", "env": []"#));
+}
+
 /// Item 7: for every parameter of every shipped kind, writing its default explicitly
 /// gives the same key as leaving it out (one canonical form for both).
 #[test]

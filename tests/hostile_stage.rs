@@ -70,6 +70,7 @@ fn symbolic_links_in_outputs_are_resolved_inside_and_refused_outside() {
         &pipeline(&format!(
             r#"        "file": (kind: "command", params: {{ "cmd": "printf data > real.txt; ln -s real.txt o.txt", "outputs": {{ "o": "o.txt" }} }}),
         "dir": (kind: "command", params: {{ "cmd": "mkdir -p out/sub; printf one > one.txt; ln -s ../../one.txt out/sub/link.txt; printf two > out/two.txt; ln -s two.txt out/also.txt", "outputs": {{ "o": "out" }} }}),
+        "pass": (kind: "command", inputs: {{ "x": "file.o" }}, params: {{ "cmd": "ln -s inputs/x/o.txt o.txt", "outputs": {{ "o": "o.txt" }} }}),
         "leak": (kind: "command", params: {{ "cmd": "ln -s {} o.txt", "outputs": {{ "o": "o.txt" }} }}),
         "leak_in_dir": (kind: "command", params: {{ "cmd": "mkdir out; ln -s {} out/s.txt", "outputs": {{ "o": "out" }} }}),"#,
             outside.display(),
@@ -79,13 +80,14 @@ fn symbolic_links_in_outputs_are_resolved_inside_and_refused_outside() {
     let o = d.run(&["run", "pipelines/p.ron", "--json"]);
     assert_eq!(o.status.code(), Some(1));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(with_status(&r, "ran"), ["dir", "file"]);
+    assert_eq!(with_status(&r, "ran"), ["dir", "file", "pass"]);
     assert_eq!(with_status(&r, "failed"), ["leak", "leak_in_dir"]);
     for s in r["stages"].as_array().unwrap().iter().filter(|s| s["status"] == "failed") {
         let e = s["error"].as_str().unwrap();
         assert!(e.contains("symbolic link") && e.contains("secret.txt") && e.contains("outside"), "{e}");
     }
     assert_eq!(exported(&d, "file.o"), "data");
+    assert_eq!(exported(&d, "pass.o"), "data", "an input passed through by a link is copied");
     let dest = d.path().join("exported/dir");
     d.ok(&["export", "dir.o", dest.to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(dest.join("sub/link.txt")).unwrap(), "one");
@@ -121,10 +123,12 @@ fn a_command_sees_only_its_keyed_environment() {
 
 #[test]
 fn nothing_left_running_by_a_command_writes_to_its_output_after_capture() {
+    // The background job holds the output open (fd 3) from before the capture: only
+    // killing it stops the late write from reaching the blob the file became.
     let d = Dir::new();
     d.write(
         "pipelines/p.ron",
-        &pipeline(r#"        "a": (kind: "command", params: { "cmd": "echo early > o.txt; (sleep 1; echo late >> o.txt) > /dev/null 2>&1 &", "outputs": { "o": "o.txt" } }),"#),
+        &pipeline(r#"        "a": (kind: "command", params: { "cmd": "echo early > o.txt; (exec 3>>o.txt; touch opened; sleep 1; echo late >&3) > /dev/null 2>&1 & while [ ! -e opened ]; do sleep 0.01; done", "outputs": { "o": "o.txt" } }),"#),
     );
     d.ok(&["run", "pipelines/p.ron"]);
     std::thread::sleep(std::time::Duration::from_millis(1500));
@@ -141,3 +145,34 @@ fn deps_naming_the_working_directory_itself_are_rejected_at_load() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("deps") && err.contains("p.ron"), "{err}");
 }
+
+#[test]
+fn interrupting_a_run_stops_the_commands_it_started() {
+    let d = Dir::new();
+    let pid_file = d.path().join("pid");
+    d.write(
+        "pipelines/p.ron",
+        &pipeline(&format!(r#"        "a": (kind: "command", params: {{ "cmd": "echo $$ > {}; exec sleep 60", "outputs": {{ "o": "o.txt" }} }}),"#, pid_file.display())),
+    );
+    let mut child = d.cmd(&["run", "pipelines/p.ron"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let pid: i32 = loop {
+        if let Some(p) = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse().ok()) {
+            break p;
+        }
+        assert!(std::time::Instant::now() < deadline, "the command never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // SIGINT, as Ctrl-C sends it to the terminal's foreground group (fgflow's; the
+    // command has a group of its own, which the terminal does not reach).
+    assert!(std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    child.wait().unwrap();
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        !std::path::Path::new(&format!("/proc/{pid}")).exists() || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+    });
+    assert!(gone, "the command (pid {pid}) outlived the interrupted run");
+    let v = d.run(&["verify"]);
+    assert_eq!(v.status.code(), Some(0));
+}
+

@@ -7,4 +7,5 @@ mod hostile_cache;
 mod hostile_load;
 mod hostile_stage;
 mod report;
+mod slurm;
 mod soak;

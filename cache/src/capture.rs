@@ -50,10 +50,12 @@ pub fn special_kind(ft: &fs::FileType) -> Option<&'static str> {
 }
 
 /// Replace every symbolic link under `path` (or `path` itself) by a copy of its target,
-/// provided the target resolves inside `boundary`; any other link, and any special
-/// file, is an error naming it. Returns how many links were replaced.
-pub fn resolve_links(path: &Path, boundary: &Path) -> Result<usize, CaptureError> {
-    let boundary = fs::canonicalize(boundary).map_err(io_err(boundary))?;
+/// provided the target resolves inside one of `allowed` (the stage's directory, and
+/// for a command its inputs and deps: passing an input through is legitimate); any
+/// other link, and any special file, is an error naming it. Returns how many links
+/// were replaced.
+pub fn resolve_links(path: &Path, allowed: &[&Path]) -> Result<usize, CaptureError> {
+    let boundary: Vec<PathBuf> = allowed.iter().map(|b| fs::canonicalize(b).map_err(io_err(b))).collect::<Result<_, _>>()?;
     // Collect first, then replace: copies of directories never contain links (the
     // copy resolves them), so one pass sees every link there is.
     let mut links = Vec::new();
@@ -77,7 +79,7 @@ pub fn resolve_links(path: &Path, boundary: &Path) -> Result<usize, CaptureError
             Ok(t) => t,
             Err(_) => return Err(CaptureError::DanglingLink { link: link.clone(), target: written }),
         };
-        if !target.starts_with(&boundary) {
+        if !inside(&target, &boundary) {
             return Err(CaptureError::LinkOutside { link: link.clone(), target });
         }
         let link_dir = link.parent().and_then(|p| fs::canonicalize(p).ok()).unwrap_or_default();
@@ -99,14 +101,18 @@ pub fn resolve_links(path: &Path, boundary: &Path) -> Result<usize, CaptureError
     Ok(links.len())
 }
 
-/// Copy a directory (following links inside `boundary`, refusing others).
-fn copy_dir(from: &Path, to: &Path, boundary: &Path) -> Result<(), CaptureError> {
+fn inside(target: &Path, allowed: &[PathBuf]) -> bool {
+    allowed.iter().any(|b| target.starts_with(b))
+}
+
+/// Copy a directory (following links inside `allowed`, refusing others).
+fn copy_dir(from: &Path, to: &Path, allowed: &[PathBuf]) -> Result<(), CaptureError> {
     fs::create_dir_all(to).map_err(io_err(to))?;
     for e in walkdir::WalkDir::new(from).min_depth(1).follow_links(true).sort_by_file_name() {
         let e = e.map_err(|e| CaptureError::Io { path: from.to_path_buf(), source: e.into() })?;
         if e.path_is_symlink() {
             let target = fs::canonicalize(e.path()).map_err(io_err(e.path()))?;
-            if !target.starts_with(boundary) {
+            if !inside(&target, allowed) {
                 return Err(CaptureError::LinkOutside { link: e.path().to_path_buf(), target });
             }
         }
@@ -171,7 +177,7 @@ mod tests {
         fs::write(work.join("d/f.txt"), "in d").unwrap();
         std::os::unix::fs::symlink("../data.bin", out.join("a.bin")).unwrap();
         std::os::unix::fs::symlink("../../d", out.join("sub/d")).unwrap();
-        assert_eq!(resolve_links(&out, &work).unwrap(), 2);
+        assert_eq!(resolve_links(&out, &[&work]).unwrap(), 2);
         assert_eq!(fs::read_to_string(out.join("a.bin")).unwrap(), "inside");
         assert!(!fs::symlink_metadata(out.join("a.bin")).unwrap().file_type().is_symlink());
         assert_eq!(fs::read_to_string(out.join("sub/d/f.txt")).unwrap(), "in d");
@@ -179,17 +185,17 @@ mod tests {
         let secret = dir.path().join("secret.txt");
         fs::write(&secret, "mine").unwrap();
         std::os::unix::fs::symlink(&secret, out.join("leak.txt")).unwrap();
-        let e = resolve_links(&out, &work).unwrap_err();
+        let e = resolve_links(&out, &[&work]).unwrap_err();
         assert!(matches!(e, CaptureError::LinkOutside { .. }), "{e}");
         assert!(e.to_string().contains("leak.txt"), "{e}");
         assert_eq!(fs::read_to_string(&secret).unwrap(), "mine");
 
         fs::remove_file(out.join("leak.txt")).unwrap();
         std::os::unix::fs::symlink("nowhere", out.join("dangling")).unwrap();
-        assert!(matches!(resolve_links(&out, &work).unwrap_err(), CaptureError::DanglingLink { .. }));
+        assert!(matches!(resolve_links(&out, &[&work]).unwrap_err(), CaptureError::DanglingLink { .. }));
         fs::remove_file(out.join("dangling")).unwrap();
         std::os::unix::fs::symlink("..", out.join("sub/up")).unwrap();
-        assert!(matches!(resolve_links(&out, &work).unwrap_err(), CaptureError::LinkLoop { .. }));
+        assert!(matches!(resolve_links(&out, &[&work]).unwrap_err(), CaptureError::LinkLoop { .. }));
     }
 
     #[test]
@@ -197,7 +203,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("real.txt"), "x").unwrap();
         std::os::unix::fs::symlink("real.txt", dir.path().join("o.txt")).unwrap();
-        resolve_links(&dir.path().join("o.txt"), dir.path()).unwrap();
+        resolve_links(&dir.path().join("o.txt"), &[dir.path()]).unwrap();
         assert_eq!(fs::read_to_string(dir.path().join("o.txt")).unwrap(), "x");
     }
 
@@ -206,7 +212,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("p");
         assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-        let e = resolve_links(dir.path(), dir.path()).unwrap_err();
+        let e = resolve_links(dir.path(), &[dir.path()]).unwrap_err();
         assert!(matches!(e, CaptureError::Special { what: "named pipe", .. }), "{e}");
     }
 

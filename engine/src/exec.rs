@@ -3,18 +3,20 @@
 //! entry (including entries another process just wrote), stops a wave when a re-run
 //! stage reproduces its previous outputs (dependents then find their keys unchanged),
 //! keeps going past failures unless `fail_fast`, and records refs at the end.
+//! Where a stage's job executes is the `Executor`'s business: in this process
+//! (`LocalExecutor`) or as a cluster job over the shared cache (`slurm::SlurmExecutor`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use fgflow_cache::{CacheError, Digest, Store};
+use fgflow_cache::{CacheError, Digest, Entry, Store};
 use serde::Serialize;
 
 use crate::fingerprint::Recorded;
-use crate::job::Job;
+use crate::job::{Job, JobError};
 use crate::kind::{ProgressSink, Resources};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Stage};
 use crate::plan::{self, Reason, Sources};
 use crate::registry::Registry;
 
@@ -91,8 +93,45 @@ struct Shared {
     stop: bool,
 }
 
-/// Run a pipeline. Holds the cache lock shared for the duration.
+/// Executes one stage's job whose record is already saved in the cache (`Job::save`),
+/// and returns its entry once that entry is in the cache. The run loop decides what
+/// runs and when; an executor only decides where.
+///
+/// An executor that runs jobs outside this process must not rely on the run loop's
+/// per-key lock (the job takes it itself), must let the job write the entry, and must
+/// return `Ok` only when the entry can be read from the cache.
+pub trait Executor: Sync {
+    /// For messages: `local`, `slurm`.
+    fn name(&self) -> &str;
+    /// Jobs run in this process: `Heavy`/`Gpu` stages then never overlap, and the run
+    /// loop holds the key's lock while the job runs.
+    fn in_process(&self) -> bool;
+    fn execute(&self, job: &Job, stage: &Stage, store: &Store, registry: &Registry, obs: &dyn Observer) -> Result<Entry, JobError>;
+}
+
+/// Runs each job in this process, on the worker thread that took the stage.
+pub struct LocalExecutor;
+
+impl Executor for LocalExecutor {
+    fn name(&self) -> &str {
+        "local"
+    }
+    fn in_process(&self) -> bool {
+        true
+    }
+    fn execute(&self, job: &Job, _stage: &Stage, store: &Store, registry: &Registry, obs: &dyn Observer) -> Result<Entry, JobError> {
+        job.execute(store, registry, obs)
+    }
+}
+
+/// Run a pipeline with the local executor. Holds the cache lock shared for the duration.
 pub fn run(p: &Pipeline, store: &Store, registry: &Registry, sources: &Sources, opts: &RunOptions, obs: &dyn Observer) -> Result<Vec<StageResult>, CacheError> {
+    run_with(p, store, registry, sources, opts, obs, &LocalExecutor)
+}
+
+/// Run a pipeline, executing stages through `executor` (stages marked `local` always
+/// run in this process). `opts.jobs` caps the jobs in flight.
+pub fn run_with(p: &Pipeline, store: &Store, registry: &Registry, sources: &Sources, opts: &RunOptions, obs: &dyn Observer, executor: &dyn Executor) -> Result<Vec<StageResult>, CacheError> {
     let _lock = store.lock_shared()?;
     let mut refs = plan::load_refs(store, &p.file)?;
     let n = p.stages.len();
@@ -138,7 +177,8 @@ pub fn run(p: &Pipeline, store: &Store, registry: &Registry, sources: &Sources, 
         let (fp, origins, _) = plan::fingerprint(stage, sources.get(&stage.name).unwrap_or(&empty), &upstream_outputs, &opts.backend);
         let key = fp.key();
         let stage_sources = sources.get(&stage.name).unwrap_or(&empty);
-        let outcome = execute_one(store, registry, p, i, key, fp, stage_sources, origins, refs_before.get(&stage.name), opts, obs, &heavy);
+        let executor: &dyn Executor = if stage.local { &LocalExecutor } else { executor };
+        let outcome = execute_one(store, registry, p, i, key, fp, stage_sources, origins, refs_before.get(&stage.name), opts, obs, &heavy, executor);
         let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
         g.running -= 1;
         match outcome {
@@ -222,6 +262,7 @@ fn execute_one(
     opts: &RunOptions,
     obs: &dyn Observer,
     heavy: &Mutex<()>,
+    executor: &dyn Executor,
 ) -> Result<(StageResult, BTreeMap<String, Digest>), StageResult> {
     let stage = &p.stages[i];
     let name = stage.name.clone();
@@ -239,14 +280,18 @@ fn execute_one(
         Err(e) => return Err(failed(e.to_string(), String::new())),
     }
     // Another process may be running this key: wait for it, then reuse its result.
-    let _key_lock = store.lock_key(&key).map_err(|e| failed(e.to_string(), String::new()))?;
-    if let Ok(Some(e)) = store.get_entry(&key) {
+    // A job running elsewhere takes the key's lock itself (`exec-job`): holding it here
+    // would make it wait for us forever.
+    let _key_lock = if executor.in_process() { Some(store.lock_key(&key).map_err(|e| failed(e.to_string(), String::new()))?) } else { None };
+    if _key_lock.is_some()
+        && let Ok(Some(e)) = store.get_entry(&key)
+    {
         return Ok(reused(true, e.outputs));
     }
     let previous = last_key.and_then(|k| store.get_entry(k).ok().flatten()).map(|e| (e.key, e));
     let prev_recorded = previous.as_ref().and_then(|(k, e)| serde_json::from_value::<Recorded>(e.fingerprint.clone()).ok().map(|r| (*k, r)));
     let reasons = plan::stale_reasons(&prev_recorded, &fp, &origins, key, last_key);
-    let _heavy = (stage.resources != Resources::Light).then(|| heavy.lock().unwrap_or_else(|e| e.into_inner()));
+    let _heavy = (executor.in_process() && stage.resources != Resources::Light).then(|| heavy.lock().unwrap_or_else(|e| e.into_inner()));
     obs.event(&Event::Started { stage: name.clone(), key, reasons: reasons.clone() });
     let job = Job {
         key,
@@ -261,7 +306,7 @@ fn execute_one(
         return Err(failed(e.to_string(), String::new()));
     }
     let started = Instant::now();
-    match job.execute(store, registry, obs) {
+    match executor.execute(&job, stage, store, registry, obs) {
         Ok(entry) => {
             let duration = started.elapsed();
             let outputs_unchanged = previous.as_ref().is_some_and(|(_, e)| e.outputs == entry.outputs);

@@ -140,6 +140,12 @@ fn inherit(name: &str, decl: &StageDecl, decls: &HashMap<&str, &StageDecl>) -> R
         if layer.resources.is_some() {
             out.resources = layer.resources;
         }
+        if layer.job.is_some() {
+            out.job = layer.job.clone();
+        }
+        if layer.local.is_some() {
+            out.local = layer.local;
+        }
     }
     out.extends = None;
     out.template = decl.template;

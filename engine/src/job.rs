@@ -126,7 +126,7 @@ impl Job {
             }
             // Links inside the stage's own directory become copies of their targets;
             // links anywhere else are refused, never followed and never dropped.
-            fgflow_cache::capture::resolve_links(&dir, tmp.path()).map_err(|e| fail(format!("output `{}`: {e}", port.name), &log))?;
+            fgflow_cache::capture::resolve_links(&dir, &[tmp.path()]).map_err(|e| fail(format!("output `{}`: {e}", port.name), &log))?;
             let (d, _) = store.put_tree(&dir, true).map_err(|e| fail(e.to_string(), &log))?;
             outputs.insert(port.name.clone(), d);
         }

@@ -11,11 +11,12 @@ pub mod kind;
 pub mod pipeline;
 pub mod plan;
 pub mod registry;
+pub mod slurm;
 pub mod spec;
 pub mod value;
 
 pub use diagnostic::{SpecError, SpecErrors};
-pub use exec::{Event, MAX_JOBS, Observer, Outcome, RunOptions, StageResult, run, workers_for};
+pub use exec::{Event, Executor, LocalExecutor, MAX_JOBS, Observer, Outcome, RunOptions, StageResult, run, run_with, workers_for};
 pub use fingerprint::{Fingerprint, Recorded, SCHEMA};
 pub use job::{Job, JobError};
 pub use kind::{ArtifactType, NoProgress, ParamSpec, ParamType, PortSpec, ProgressSink, Resources, RunContext, StageError, StageKind};

@@ -48,6 +48,10 @@ pub struct Stage {
     pub paths: BTreeMap<String, Vec<String>>,
     /// Environment variables whose values are part of the key.
     pub env: Vec<String>,
+    /// What a cluster job of this stage asks for (not part of the key).
+    pub job: crate::slurm::JobResources,
+    /// Runs in the controlling process even under a cluster executor.
+    pub local: bool,
 }
 
 impl Stage {
@@ -67,6 +71,8 @@ pub struct Pipeline {
     pub dir: PathBuf,
     pub source: Arc<String>,
     pub backend: Option<String>,
+    /// The executor the file asks for (`None`: local unless the command line says).
+    pub executor: Option<crate::slurm::ExecutorDecl>,
     /// Stages in topological order (ties keep file order).
     pub stages: Vec<Stage>,
     pub graph: DiGraph<String, OutputRef>,
@@ -288,7 +294,8 @@ impl Pipeline {
             let outputs = kind.outputs(&params);
             let resources = decl.resources.unwrap_or_else(|| kind.resources(&params));
             let env = kind.env(&params);
-            stages.push(Stage { name: sname, kind, params, inputs, outputs, resources, paths, env });
+            let (job, local) = (decl.job.clone().unwrap_or_default(), decl.local.unwrap_or(false));
+            stages.push(Stage { name: sname, kind, params, inputs, outputs, resources, paths, env, job, local });
         }
 
         // Pass 3: the graph. Cycles are reported with their path.
@@ -324,7 +331,7 @@ impl Pipeline {
         let index = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
         let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
-        Ok(Pipeline { file: file.to_path_buf(), dir, source: Arc::new(src), backend: parsed.backend, stages, graph, index })
+        Ok(Pipeline { file: file.to_path_buf(), dir, source: Arc::new(src), backend: parsed.backend, executor: parsed.executor, stages, graph, index })
     }
 }
 

@@ -21,6 +21,10 @@ pub struct PipelineFile {
     /// Default compute backend for backend-sensitive stages (`--backend` overrides).
     #[serde(default)]
     pub backend: Option<String>,
+    /// Where stages run: `Local` (the default) or `Slurm(partition: ..., ...)`
+    /// (`fgflow run --executor` and its flags override).
+    #[serde(default)]
+    pub executor: Option<crate::slurm::ExecutorDecl>,
     pub stages: StageMap,
 }
 
@@ -52,6 +56,13 @@ pub struct StageDecl {
     /// Overrides the kind's resource class (`Light`, `Heavy`, `Gpu`).
     #[serde(default)]
     pub resources: Option<Resources>,
+    /// What a cluster job of this stage asks for (cpus, mem, time, gpus); unset fields
+    /// come from the executor's defaults. Not part of the key.
+    #[serde(default)]
+    pub job: Option<crate::slurm::JobResources>,
+    /// Run in the controlling process even under a cluster executor (light stages).
+    #[serde(default)]
+    pub local: Option<bool>,
 }
 
 /// `"stage.output"` or a list of them.

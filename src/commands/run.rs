@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fgflow_cache::Digest;
+use fgflow_engine::slurm::SlurmExecutor;
 use fgflow_engine::{Job, NoProgress, Outcome, RunOptions, StageResult};
 use serde::Serialize;
 
@@ -34,6 +35,32 @@ pub struct Args {
     /// After the run, write its HTML report (and data) into DIR, as `fgflow report` does.
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,
+    /// Where stages run: `local` (this process) or `slurm` (one sbatch job per stage,
+    /// over this cache, which the nodes must share). Default: the file's `executor:`,
+    /// else local. With slurm, --jobs caps the jobs in flight.
+    #[arg(long, value_enum)]
+    pub executor: Option<ExecutorKind>,
+    /// Slurm partition (`sbatch --partition`); overrides the file's.
+    #[arg(long, help_heading = "Slurm")]
+    pub partition: Option<String>,
+    /// Slurm account (`sbatch --account`); overrides the file's.
+    #[arg(long, help_heading = "Slurm")]
+    pub account: Option<String>,
+    /// Slurm quality of service (`sbatch --qos`); overrides the file's.
+    #[arg(long, help_heading = "Slurm")]
+    pub qos: Option<String>,
+    /// Default time limit of a job (`sbatch --time`, e.g. 04:00:00); a stage's `job:` wins.
+    #[arg(long, help_heading = "Slurm")]
+    pub time: Option<String>,
+    /// A further sbatch option, one `--name=value` argument (repeatable); added to the file's.
+    #[arg(long = "sbatch-arg", value_name = "--NAME=VALUE", allow_hyphen_values = true, help_heading = "Slurm")]
+    pub sbatch_arg: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExecutorKind {
+    Local,
+    Slurm,
 }
 
 fn default_jobs() -> usize {
@@ -79,11 +106,15 @@ struct Summary {
 pub fn run(app: &App, a: Args) -> CliResult {
     let started = Instant::now();
     let p = app.load(&a.pipeline)?;
-    let backend = app.backend(a.backend, &p)?;
+    let backend = app.backend(a.backend.clone(), &p)?;
     let (sources, hashing, stat) = app.sources(&p)?;
     // The pipeline is valid and its sources readable: only now is the cache created
     // or changed.
+    let slurm = slurm_executor(app, &a, &p)?;
     let store = app.writable()?;
+    if let Some(s) = &slurm {
+        s.prepare().map_err(CliError::Failed)?;
+    }
     app.save_stat(stat)?;
     app.remember(&a.pipeline);
     if a.jobs > fgflow_engine::MAX_JOBS {
@@ -92,7 +123,14 @@ pub fn run(app: &App, a: Args) -> CliResult {
     let width = crate::console::column_width(p.stages.iter().map(|s| s.name.as_str()), 1);
     let console = Console::new(!a.json, width);
     let opts = RunOptions { jobs: a.jobs, fail_fast: a.fail_fast, backend };
-    let results = fgflow_engine::run(&p, &store, &app.registry, &sources, &opts, &console)?;
+    let results = match slurm {
+        Some(slurm) => {
+            // Ctrl-C (SIGTERM, SIGHUP) cancels the submitted jobs before the process ends.
+            fgflow_engine::slurm::cancel_jobs_on_interrupt();
+            fgflow_engine::run_with(&p, &store, &app.registry, &sources, &opts, &console, &slurm)?
+        }
+        None => fgflow_engine::run(&p, &store, &app.registry, &sources, &opts, &console)?,
+    };
     let mut sum = Summary {
         duration_ms: started.elapsed().as_millis() as u64,
         sources_cached: hashing.cached,
@@ -146,6 +184,40 @@ pub fn run(app: &App, a: Args) -> CliResult {
     Ok(if sum.failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
+/// The Slurm executor the file and the flags ask for, checked; `None` for local.
+fn slurm_executor(app: &App, a: &Args, p: &fgflow_engine::Pipeline) -> Result<Option<SlurmExecutor>, CliError> {
+    let from_file = p.executor.as_ref().and_then(|e| e.slurm());
+    let flags_given = a.partition.is_some() || a.account.is_some() || a.qos.is_some() || a.time.is_some() || !a.sbatch_arg.is_empty();
+    let slurm = match a.executor {
+        Some(ExecutorKind::Slurm) => true,
+        Some(ExecutorKind::Local) => false,
+        None => from_file.is_some(),
+    };
+    if !slurm {
+        if flags_given {
+            return Err(CliError::Usage("--partition, --account, --qos, --time and --sbatch-arg need --executor slurm (or `executor: Slurm(...)` in the file)".into()));
+        }
+        return Ok(None);
+    }
+    let mut opts = from_file.unwrap_or_default();
+    let or = |flag: &Option<String>, file: Option<String>| flag.clone().or(file);
+    opts.partition = or(&a.partition, opts.partition.take());
+    opts.account = or(&a.account, opts.account.take());
+    opts.qos = or(&a.qos, opts.qos.take());
+    opts.defaults.time = or(&a.time, opts.defaults.time.take());
+    opts.extra.extend(a.sbatch_arg.iter().cloned());
+    let bad = |e: String| CliError::Usage(format!("{}: {e}", a.pipeline.display()));
+    SlurmExecutor::check_stages(p.stages.iter().filter(|s| !s.local)).map_err(bad)?;
+    if std::process::Command::new("sbatch").arg("--version").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_err() {
+        return Err(CliError::Usage("--executor slurm: `sbatch` was not found on PATH (run fgflow on a Slurm login node)".into()));
+    }
+    let exe = std::env::current_exe().map_err(|e| CliError::Failed(format!("cannot find the fgflow binary to submit: {e}")))?;
+    let cwd = std::env::current_dir().map_err(|e| CliError::Failed(format!("current directory: {e}")))?;
+    let cache = std::path::absolute(app.store.root()).map_err(|e| CliError::Failed(format!("{}: {e}", app.store.root().display())))?;
+    let poll = (Duration::from_secs(1), Duration::from_secs(15));
+    SlurmExecutor::new(opts, exe, cache, cwd, poll).map(Some).map_err(bad)
+}
+
 fn stage_json(r: &StageResult) -> StageJson<'_> {
     StageJson {
         name: &r.name,
@@ -174,6 +246,7 @@ pub fn exec_job(app: &App, a: ExecJobArgs) -> CliResult {
     }
     let job = Job::load(&app.store, &key)?.ok_or_else(|| CliError::Usage(format!("no job recorded for key {key}")))?;
     let _key_lock = app.store.lock_key(&key)?;
+    eprintln!("fgflow exec-job: stage `{}` ({}), key {key}", crate::console::esc(&job.stage), job.kind);
     if app.store.has_entry(&key) {
         return Ok(ExitCode::SUCCESS);
     }

@@ -515,34 +515,36 @@ fn dag_svg(views: &[StageView]) -> String {
         layer[v.index] = v.upstream.iter().filter_map(|u| index.get(u.as_str())).map(|&u| layer[u] + 1).max().unwrap_or(0);
     }
     let depth = layer.iter().copied().max().map_or(0, |m| m + 1);
-    let mut rows: Vec<Vec<usize>> = vec![Vec::new(); depth];
-    let mut pos = vec![0f64; views.len()];
-    for (l, row) in rows.iter_mut().enumerate() {
+    // A wide layer (twenty evaluations of one round) is wrapped into rows of at most
+    // `PER_ROW` boxes, so the page never needs a 3000-pixel scroll; each layer is
+    // ordered by where its inputs were drawn (their mean x), which keeps edges short.
+    const PER_ROW: usize = 7;
+    let (bw, bh, gx, gy) = (150.0, 34.0, 14.0, 30.0);
+    let width = PER_ROW.min(views.len().max(1)) as f64 * (bw + gx) + gx;
+    let mut at = vec![(0f64, 0f64); views.len()];
+    let mut row = 0usize;
+    for l in 0..depth {
         let mut members: Vec<(f64, usize)> = views
             .iter()
             .filter(|v| layer[v.index] == l)
             .map(|v| {
-                let ups: Vec<f64> = v.upstream.iter().filter_map(|u| index.get(u.as_str())).map(|&u| pos[u]).collect();
+                let ups: Vec<f64> = v.upstream.iter().filter_map(|u| index.get(u.as_str())).map(|&u| at[u].0).collect();
                 let bary = if ups.is_empty() { v.index as f64 * 1e-6 } else { ups.iter().sum::<f64>() / ups.len() as f64 };
                 (bary, v.index)
             })
             .collect();
         members.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        for (k, (_, i)) in members.iter().enumerate() {
-            pos[*i] = k as f64;
+        for chunk in members.chunks(PER_ROW) {
+            let n = chunk.len() as f64;
+            let offset = (width - n * (bw + gx) + gx) / 2.0;
+            for (k, (_, i)) in chunk.iter().enumerate() {
+                at[*i] = (offset + k as f64 * (bw + gx), gy / 2.0 + row as f64 * (bh + gy));
+            }
+            row += 1;
         }
-        *row = members.into_iter().map(|m| m.1).collect();
     }
-    let (bw, bh, gx, gy) = (150.0, 34.0, 14.0, 30.0);
-    let widest = rows.iter().map(Vec::len).max().unwrap_or(1).max(1) as f64;
-    let width = widest * (bw + gx) + gx;
-    let height = depth as f64 * (bh + gy) + gy;
-    let xy = |i: usize| {
-        let l = layer[i];
-        let n = rows[l].len() as f64;
-        let offset = (width - n * (bw + gx) + gx) / 2.0;
-        (offset + pos[i] * (bw + gx), gy / 2.0 + l as f64 * (bh + gy))
-    };
+    let height = row as f64 * (bh + gy) + gy;
+    let xy = |i: usize| at[i];
     let mut s = format!(
         r#"<svg viewBox="0 0 {width:.0} {height:.0}" width="{width:.0}" height="{height:.0}" role="img" aria-label="stage graph"><title>stage graph</title>"#
     );

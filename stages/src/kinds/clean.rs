@@ -341,7 +341,8 @@ impl StageKind for Clean {
                 fold_params.clone(),
                 ctx.backend.clone(),
                 inputs,
-                BTreeMap::new(),
+                // The fold models start from the same weights file as the stage says.
+                BTreeMap::from([("pretrained".to_string(), ctx.sources("pretrained").to_vec())]),
                 root.join("out"),
                 root.join("scratch"),
                 &progress,

@@ -125,12 +125,19 @@ impl StageKind for Command {
             let last = stderr.lines().last().or_else(|| stdout.lines().last()).unwrap_or("");
             return Err(StageError::failed(format!("command exited with {}{}", out.status, if last.is_empty() { String::new() } else { format!(": {last}") })));
         }
+        // An output may be a link to the working directory, an input or a dep (its
+        // target is copied); a link anywhere else is refused.
+        let mut allowed: Vec<&Path> = vec![&work];
+        for port in ctx.input_names() {
+            allowed.extend(ctx.inputs(&port).iter().map(|p| p.as_path()));
+        }
+        allowed.extend(ctx.sources("deps").iter().map(|(_, abs)| abs.as_path()));
         for (name, rel) in ctx.params.str_map("outputs")? {
             let produced = work.join(&rel);
             fs::symlink_metadata(&produced).map_err(|_| StageError::failed(format!("the command did not write its output `{name}` (`{rel}`)")))?;
             // Before the move: a relative link to elsewhere in the working directory
             // would point to nothing once moved.
-            fgflow_cache::capture::resolve_links(&produced, &work).map_err(|e| StageError::failed(format!("output `{name}`: {e}")))?;
+            fgflow_cache::capture::resolve_links(&produced, &allowed).map_err(|e| StageError::failed(format!("output `{name}`: {e}")))?;
             let meta = fs::symlink_metadata(&produced).map_err(|e| StageError::io(format!("reading output `{name}`"), e))?;
             let dest = ctx.output_dir(&name)?;
             let file_name = produced.file_name().map(|f| f.to_os_string()).unwrap_or_else(|| name.clone().into());
@@ -147,7 +154,7 @@ impl StageKind for Command {
 
 /// Process groups of the commands running now, for the interrupt handler (a fixed
 /// array of atomics: all a signal handler may touch).
-static GROUPS: [AtomicI32; 64] = [const { AtomicI32::new(0) }; 64];
+static GROUPS: [AtomicI32; 256] = [const { AtomicI32::new(0) }; 256];
 
 /// Run the shell in a process group of its own, reading its output while it runs,
 /// and when it exits kill whatever it left in the group (background jobs that could

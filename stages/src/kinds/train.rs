@@ -3,6 +3,9 @@
 //! (CE with label smoothing, softmax EQL, balanced softmax), AdamW without decay on
 //! norms/biases/position embeddings, warm-up + cosine, and CPU-side augmentation.
 //! Outputs the final model, the last N epoch checkpoints (for soups) and a log.
+//! `backbone: "efficientnet_lite"` with `pretrained` fine-tunes ImageNet weights (the
+//! committed `data/efficientnet_lite0`); `pretrained` loads any backbone's weights by
+//! tensor name and is hashed by content like every `Path` parameter.
 //! The model code lives in `crate::ml`; this module maps parameters and artifacts to it.
 
 use std::fmt::Write as _;
@@ -17,6 +20,7 @@ use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::checkpoint::{self, CheckpointEntry};
 use crate::ml::cnn::CnnConfig;
 use crate::ml::data::Images;
+use crate::ml::efficientnet::{EfficientNetConfig, LiteVariant};
 use crate::ml::head::HeadConfig;
 use crate::ml::loss::{EqlIndicator, LossConfig};
 use crate::ml::model::{AdjustMode, BackboneConfig, Classifier, LogitAdjust, MODEL_FORMAT, ModelConfig};
@@ -35,6 +39,13 @@ struct Settings {
     loss: LossConfig,
     train: TrainConfig,
     keep_checkpoints: usize,
+}
+
+/// The `pretrained` parameter: a list of at most one path (an empty list, the default,
+/// is "none"; the engine has no optional single `Path`).
+fn check_pretrained(p: &Params) -> Result<(), StageError> {
+    let n = p.list("pretrained")?.len();
+    if n > 1 { Err(param_err("pretrained", format!("at most one file, found {n}"))) } else { Ok(()) }
 }
 
 pub(crate) fn param_err(name: &str, msg: impl Into<String>) -> StageError {
@@ -124,6 +135,15 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
             BackboneConfig::Cnn(CnnConfig { widths: widths.iter().map(|&w| w as usize).collect(), blocks })
         }
         "vit" => BackboneConfig::Vit(vit_config(p)?),
+        "efficientnet_lite" => {
+            let variant = p.str("effnet_variant")?;
+            let variant = LiteVariant::parse(variant).ok_or_else(|| param_err("effnet_variant", format!("unknown variant `{variant}`")))?;
+            let resolution = p.usize("effnet_resolution")?;
+            if resolution < 32 {
+                return Err(param_err("effnet_resolution", format!("must be at least 32 (five stride-2 layers), found {resolution}")));
+            }
+            BackboneConfig::EfficientnetLite(EfficientNetConfig { variant, resolution })
+        }
         other => return Err(param_err("backbone", format!("unknown backbone `{other}`"))),
     };
     let tau = p.float("logit_adjust_tau")?;
@@ -191,6 +211,7 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
     if !(0.0..1.0).contains(&train.label_smoothing) {
         return Err(param_err("label_smoothing", "must be in [0, 1)"));
     }
+    check_pretrained(p)?;
     Ok(Settings { backbone, head, logit_adjust, loss, train, keep_checkpoints: p.usize("keep_checkpoints")? })
 }
 
@@ -205,11 +226,11 @@ impl StageKind for Train {
         3
     }
     fn summary(&self) -> &'static str {
-        "train a CNN or ViT classifier (linear / logit-adjusted / sub-centre ArcFace head; CE / EQL / balanced softmax)"
+        "train a CNN, ViT or EfficientNet-Lite classifier (linear / logit-adjusted / sub-centre ArcFace head; CE / EQL / balanced softmax)"
     }
     fn params(&self) -> Vec<ParamSpec> {
         use ParamType::*;
-        const BACKBONES: &[&str] = &["cnn", "vit"];
+        const BACKBONES: &[&str] = &["cnn", "vit", "efficientnet_lite"];
         const HEADS: &[&str] = &["linear", "logit_adjusted", "arcface"];
         const LOSSES: &[&str] = &["ce", "eql", "balanced_softmax"];
         let mut specs = vec![
@@ -242,6 +263,14 @@ impl StageKind for Train {
             ParamSpec::optional("aug_randaugment_n", Int, 0, "RandAugment: operations per image (0 = off; the seed used 2)"),
             ParamSpec::optional("aug_randaugment_m", Int, 9, "RandAugment: magnitude, 0..=30 (the seed used 9)"),
             ParamSpec::optional("keep_checkpoints", Int, 5, "how many last-epoch checkpoints to keep (for soups)"),
+            ParamSpec::optional("effnet_variant", Enum(&["lite0", "lite1", "lite2"]), "lite0", "EfficientNet-Lite: widths and depths of Lite0, Lite1 or Lite2"),
+            ParamSpec::optional("effnet_resolution", Int, 64, "EfficientNet-Lite: images are resized (bilinear) to this square size; grayscale is replicated to 3 channels"),
+            ParamSpec::optional(
+                "pretrained",
+                List(&Path),
+                Value::List(vec![]),
+                "backbone weights to start from: [] or one safetensors file named in the backbone's layout (e.g. data/efficientnet_lite0/efficientnet_lite0.safetensors); the head is always new",
+            ),
         ];
         // After the CNN's sizes, as before they were shared.
         let at = specs.iter().position(|s| s.name == "head").unwrap_or(specs.len());
@@ -295,6 +324,15 @@ impl StageKind for Train {
         let train = artifact::read_labelled_set(ctx.input("train")?)?;
         let val = if ctx.has_input("val") { Some(artifact::read_labelled_set(ctx.input("val")?)?) } else { None };
         let init = if ctx.has_input("init") { Some(ctx.input("init")?.to_path_buf()) } else { None };
+        let pretrained = ctx.sources("pretrained").first().map(|(_, p)| p.clone());
+        if pretrained.is_none() && !ctx.params.list("pretrained")?.is_empty() {
+            // A caller that runs `train` itself (a fold of `clean`) must hand the source
+            // over; dropping it would silently train from scratch.
+            return Err(param_err("pretrained", "the file was not resolved for this run (its caller did not pass the source)"));
+        }
+        if init.is_some() && pretrained.is_some() {
+            return Err(param_err("pretrained", "both `pretrained` and the `init` input give the backbone's weights: use one"));
+        }
         if let Some(v) = &val
             && v.images.classes != train.images.classes
         {
@@ -340,7 +378,7 @@ impl StageKind for Train {
             config.channels,
             ctx.backend
         ));
-        let job = TrainJob { ctx, settings: &s, config, train: &train, val: val.as_ref(), init };
+        let job = TrainJob { ctx, settings: &s, config, train: &train, val: val.as_ref(), init, pretrained };
         dispatch(&ctx.backend, job)
     }
 }
@@ -352,6 +390,7 @@ struct TrainJob<'a, 'c> {
     train: &'a LabelledSet,
     val: Option<&'a LabelledSet>,
     init: Option<PathBuf>,
+    pretrained: Option<PathBuf>,
 }
 
 fn labelled(set: &LabelledSet) -> Result<Labelled<'_>, StageError> {
@@ -362,8 +401,13 @@ fn labelled(set: &LabelledSet) -> Result<Labelled<'_>, StageError> {
 impl BackendJob for TrainJob<'_, '_> {
     type Output = ();
     fn run<B: TrainBackend>(self, device: B::Device) -> Result<(), StageError> {
-        let TrainJob { ctx, settings, config, train, val, init } = self;
+        let TrainJob { ctx, settings, config, train, val, init, pretrained } = self;
         let mut model: Classifier<B> = config.init(settings.train.seed, &device);
+        if let Some(path) = &pretrained {
+            let (backbone, report) = model.backbone.load_pretrained(path)?;
+            model.backbone = backbone;
+            ctx.log(format!("pretrained {}: {}", path.display(), report.summary()));
+        }
         if let Some(dir) = &init {
             let (base, base_config) = checkpoint::load_model::<B>(dir, &device)?;
             model.backbone = base.backbone;
@@ -428,6 +472,7 @@ pub(crate) fn describe_model(c: &ModelConfig) -> String {
     let backbone = match &c.backbone {
         BackboneConfig::Cnn(b) => format!("CNN widths {:?} x{} blocks", b.widths, b.blocks),
         BackboneConfig::Vit(v) => format!("ViT patch {} dim {} depth {} heads {} mlp {}", v.patch, v.dim, v.depth, v.heads, v.mlp_ratio),
+        BackboneConfig::EfficientnetLite(e) => format!("EfficientNet-{:?} at {}x{}", e.variant, e.resolution, e.resolution),
     };
     let head = match (&c.head, c.logit_adjust) {
         (HeadConfig::ArcFace { k, s }, _) => format!("sub-centre ArcFace k={k} s={s}"),

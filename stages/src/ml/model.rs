@@ -10,6 +10,9 @@ use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::cnn::{Cnn, CnnConfig};
+use super::efficientnet::{EfficientNet, EfficientNetConfig};
+use super::pretrained::{LoadReport, load_pretrained};
+use fgflow_engine::StageError;
 use super::head::{Head, HeadConfig};
 use super::loss::LossConfig;
 use super::vit::{Vit, VitConfig};
@@ -22,6 +25,7 @@ pub const MODEL_FORMAT: u32 = 1;
 pub enum BackboneConfig {
     Cnn(CnnConfig),
     Vit(VitConfig),
+    EfficientnetLite(EfficientNetConfig),
 }
 
 impl BackboneConfig {
@@ -29,6 +33,7 @@ impl BackboneConfig {
         match self {
             BackboneConfig::Cnn(c) => c.feature_dim(),
             BackboneConfig::Vit(v) => v.feature_dim(),
+            BackboneConfig::EfficientnetLite(e) => e.feature_dim(),
         }
     }
 }
@@ -79,6 +84,7 @@ impl ModelConfig {
         let backbone = match &self.backbone {
             BackboneConfig::Cnn(c) => Backbone::Cnn(c.init(self.channels, device)),
             BackboneConfig::Vit(v) => Backbone::Vit(v.init(self.channels, self.height, self.width, device)),
+            BackboneConfig::EfficientnetLite(e) => Backbone::EfficientnetLite(e.init(device)),
         };
         let c = self.num_classes();
         let model = Classifier {
@@ -87,7 +93,12 @@ impl ModelConfig {
             eql_pos: buffer(c, device),
             eql_neg: buffer(c, device),
         };
-        super::init::reinit(model, seed)
+        let mut model = super::init::reinit(model, seed);
+        // `reinit` knows burn's Conv2d; the EfficientNet's convolutions are its own.
+        if let Backbone::EfficientnetLite(net) = model.backbone {
+            model.backbone = Backbone::EfficientnetLite(super::efficientnet::he_init(net, seed));
+        }
+        model
     }
 
     /// The checks that need more than one field.
@@ -101,6 +112,7 @@ impl ModelConfig {
         match &self.backbone {
             BackboneConfig::Cnn(c) => c.check(),
             BackboneConfig::Vit(v) => v.check(self.height, self.width),
+            BackboneConfig::EfficientnetLite(e) => e.check(self.channels),
         }
     }
 }
@@ -117,6 +129,30 @@ pub fn buffer<B: Backend>(c: usize, device: &B::Device) -> Param<Tensor<B, 1>> {
 pub enum Backbone<B: Backend> {
     Cnn(Cnn<B>),
     Vit(Vit<B>),
+    EfficientnetLite(EfficientNet<B>),
+}
+
+impl<B: Backend> Backbone<B> {
+    /// Load weights named relative to the backbone (`stem.weight`, not
+    /// `backbone.EfficientnetLite.stem.weight`) from a safetensors file. A file none of
+    /// whose tensors fits is an error: it is the wrong file, not a partial start.
+    pub fn load_pretrained(self, path: &std::path::Path) -> Result<(Self, LoadReport), StageError> {
+        let (backbone, report) = match self {
+            Backbone::Cnn(m) => load_pretrained(m, path).map(|(m, r)| (Backbone::Cnn(m), r))?,
+            Backbone::Vit(m) => load_pretrained(m, path).map(|(m, r)| (Backbone::Vit(m), r))?,
+            Backbone::EfficientnetLite(m) => load_pretrained(m, path).map(|(m, r)| (Backbone::EfficientnetLite(m), r))?,
+        };
+        if report.loaded.is_empty() {
+            let some = |v: &[String]| v.iter().take(3).cloned().collect::<Vec<_>>().join(", ");
+            return Err(StageError::failed(format!(
+                "{}: none of its tensors is a tensor of this backbone (the file has {}...; the backbone needs {}...)",
+                path.display(),
+                some(&report.unused),
+                some(&report.new)
+            )));
+        }
+        Ok((backbone, report))
+    }
 }
 
 #[derive(Module, Debug)]
@@ -135,6 +171,7 @@ impl<B: ConvBackend> Classifier<B> {
         match &self.backbone {
             Backbone::Cnn(m) => m.forward(x),
             Backbone::Vit(m) => m.forward(x),
+            Backbone::EfficientnetLite(m) => m.forward(x),
         }
     }
 

@@ -1,0 +1,100 @@
+//! Loading pretrained weights from a safetensors file into any module by tensor name
+//! (the module's field path, `blocks.3.depthwise.bn.gamma`), with a report of what was
+//! loaded, what the file lacks (left as initialised: "new") and what the module does
+//! not use (the ImageNet classifier, typically). A tensor whose shape differs is an
+//! error naming it and both shapes: a wrong file must not train silently from half its
+//! weights.
+//!
+//! Written with the `safetensors` crate and a `ModuleMapper` rather than burn-store's
+//! `load_from`, so the report and the error message are ours and the file may hold
+//! tensors the module has no place for.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use fgflow_engine::StageError;
+use safetensors::{Dtype, SafeTensors};
+
+/// What a load did, by tensor name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadReport {
+    pub loaded: Vec<String>,
+    /// In the module, not in the file: kept as initialised.
+    pub new: Vec<String>,
+    /// In the file, not in the module.
+    pub unused: Vec<String>,
+}
+
+impl LoadReport {
+    pub fn summary(&self) -> String {
+        let list = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+        format!("{} tensors loaded; new (initialised here): {}; unused from the file: {}", self.loaded.len(), list(&self.new), list(&self.unused))
+    }
+}
+
+/// Load every tensor of `module` that `path` names. Errors on an unreadable file, a
+/// non-f32 tensor the module would use, or a shape mismatch.
+pub fn load_pretrained<B: Backend, M: Module<B>>(module: M, path: &Path) -> Result<(M, LoadReport), StageError> {
+    let bytes = std::fs::read(path).map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| StageError::failed(format!("{}: not a safetensors file: {e}", path.display())))?;
+    let mut file: BTreeMap<String, (Vec<usize>, Dtype, &[u8])> = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        file.insert(name, (view.shape().to_vec(), view.dtype(), view.data()));
+    }
+    let mut loader = Loader { file: &file, path: Vec::new(), report: LoadReport::default(), error: None };
+    let module = module.map(&mut loader);
+    if let Some(e) = loader.error {
+        return Err(StageError::failed(format!("{}: {e}", path.display())));
+    }
+    let mut report = loader.report;
+    let used: std::collections::BTreeSet<&String> = report.loaded.iter().collect();
+    report.unused = file.keys().filter(|k| !used.contains(k)).cloned().collect();
+    Ok((module, report))
+}
+
+struct Loader<'a> {
+    file: &'a BTreeMap<String, (Vec<usize>, Dtype, &'a [u8])>,
+    path: Vec<String>,
+    report: LoadReport,
+    /// The first problem; later tensors are left alone once there is one.
+    error: Option<String>,
+}
+
+impl<B: Backend> ModuleMapper<B> for Loader<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let name = self.path.join(".");
+        let (id, tensor, mapper) = param.consume();
+        if self.error.is_some() {
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let Some((shape, dtype, data)) = self.file.get(&name) else {
+            self.report.new.push(name);
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let want: Vec<usize> = tensor.shape().iter().copied().collect();
+        if *shape != want {
+            self.error = Some(format!("tensor `{name}` has shape {shape:?} in the file, the model needs {want:?}"));
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        if *dtype != Dtype::F32 {
+            self.error = Some(format!("tensor `{name}` is {dtype:?}, only F32 is read"));
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let values: Vec<f32> = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let require_grad = tensor.is_require_grad();
+        let fresh = Tensor::<B, D>::from_data(TensorData::new(values, want), &tensor.device());
+        self.report.loaded.push(name);
+        Param::from_mapped_value(id, fresh.set_require_grad(require_grad), mapper)
+    }
+}
