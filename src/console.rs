@@ -1,5 +1,6 @@
 //! The terminal observer of a run: one line per stage as it settles (ran with why,
-//! reused, failed with its log, skipped), a progress bar per long stage on stderr.
+//! reused, failed with its log, skipped), a progress bar per long stage on stderr, and
+//! where stderr is not a terminal (no bars) one line per state change of a cluster job.
 //! With `--json` it stays silent on stdout and the report is printed at the end.
 //!
 //! Also the one place that makes user-controlled text printable: [`esc`] (names,
@@ -103,7 +104,24 @@ impl ProgressSink for Console {
     }
 }
 
+/// One line per state change of a cluster job, for logs (stderr not a terminal, so no
+/// progress bar shows it): `stage train: job 123 RUNNING`.
+pub fn job_line(stage: &str, job: u64, state: &str, detail: &str) -> String {
+    let sep = if detail.is_empty() { "" } else { " " };
+    format!("stage {}: job {job} {}{sep}{}", esc(stage), esc(state), esc(detail))
+}
+
 impl Observer for Console {
+    fn job_state(&self, stage: &str, job: u64, state: &str, detail: &str) {
+        if self.multi.is_hidden() {
+            // On stderr, where the bars would be: stdout keeps its stage lines (or JSON).
+            eprintln!("{}", job_line(stage, job, state, detail));
+        } else {
+            let sep = if detail.is_empty() { "" } else { " " };
+            self.progress(stage, 0, 1, &format!("slurm job {job} {state}{sep}{detail}"));
+        }
+    }
+
     fn event(&self, event: &Event) {
         let w = self.width;
         match event {
@@ -139,4 +157,14 @@ impl Observer for Console {
 /// widths over 65535, and names in a damaged cache are unbounded).
 pub fn column_width<'a>(names: impl Iterator<Item = &'a str>, min: usize) -> usize {
     names.map(|n| esc(n).chars().count()).max().unwrap_or(min).clamp(min, 64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn job_lines_are_plain_and_escaped() {
+        assert_eq!(super::job_line("train", 123, "RUNNING", ""), "stage train: job 123 RUNNING");
+        assert_eq!(super::job_line("bad", 7, "FAILED", "(exit code 1)"), "stage bad: job 7 FAILED (exit code 1)");
+        assert!(!super::job_line("a\u{1b}[2J", 1, "PENDING", "").contains('\u{1b}'));
+    }
 }

@@ -325,3 +325,91 @@ fn the_whole_recipe_runs_end_to_end() {
     let show = d.ok(&["show", "ablation"]);
     assert!(show.contains("plain CE on noisy labels"), "{show}");
 }
+
+/// The key `status --json` gives a stage.
+fn status_key(d: &Dir, pipeline: &str, stage: &str) -> String {
+    let st = d.json(&["status", pipeline, "--json"]);
+    st["stages"].as_array().unwrap().iter().find(|s| s["name"] == stage).unwrap()["key"].as_str().unwrap().to_string()
+}
+
+/// A cluster job's files as the Slurm executor leaves them per key (`tests/slurm.rs`
+/// makes real ones): `<cache>/logs/<key>.log` and `.job` (id, then final state).
+fn fake_job(d: &Dir, key: &str, id: u64, state: &str, log: &str) {
+    let logs = d.path().join(".fgflow/logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    std::fs::write(logs.join(format!("{key}.job")), format!("{id}\n{state}\n")).unwrap();
+    std::fs::write(logs.join(format!("{key}.log")), log).unwrap();
+}
+
+#[test]
+fn show_prints_the_job_log_of_a_stage_whose_cluster_job_failed() {
+    let d = Dir::new();
+    d.write(
+        "pipelines/p.ron",
+        r#"( stages: {
+        "ok": (kind: "command", params: { "cmd": "echo fine > o.txt", "outputs": { "o": "o.txt" } }),
+        "bad": (kind: "command", params: { "cmd": "exit 3", "outputs": { "x": "x.txt" } }),
+    })"#,
+    );
+    assert_eq!(d.run(&["run", "pipelines/p.ron"]).status.code(), Some(1));
+    // Run locally, `bad` left no job: show says it has no result, as before.
+    assert_eq!(d.run(&["show", "bad"]).status.code(), Some(2));
+    let (bad, ok) = (status_key(&d, "pipelines/p.ron", "bad"), status_key(&d, "pipelines/p.ron", "ok"));
+    let log: String = (1..=60).map(|i| format!("log line {i}\n")).collect();
+    fake_job(&d, &bad, 77, "FAILED 3:0", &log);
+    fake_job(&d, &ok, 76, "COMPLETED 0:0", "fgflow exec-job: stage `ok`\n");
+    let s = d.ok(&["show", "bad"]);
+    assert!(s.contains(&format!("key       {bad}  (no result: its last job did not write one)")), "{s}");
+    assert!(s.contains("job       slurm job 77: FAILED (exit code 3)"), "{s}");
+    assert!(s.contains(&format!("/.fgflow/logs/{bad}.log (last 40 line(s))")), "{s}");
+    assert!(s.contains("  | log line 21\n") && s.contains("  | log line 60\n") && !s.contains("log line 20\n"), "the last 40 lines: {s}");
+    let j = d.json(&["show", "bad", "--json"]);
+    assert!(j["entry"].is_null(), "{j}");
+    assert_eq!((j["attempt"]["id"].as_u64(), j["attempt"]["state"].as_str(), j["attempt"]["exit_code"].as_i64()), (Some(77), Some("FAILED"), Some(3)), "{j}");
+    // The key from a failure message (no entry to resolve it by) finds the job too.
+    assert!(d.ok(&["show", &bad[..12]]).contains("slurm job 77: FAILED"));
+    // A job that has not ended (or whose run was interrupted) has no final state yet.
+    fake_job(&d, &bad, 78, "", "started\n");
+    assert!(d.ok(&["show", "bad"]).contains("slurm job 78 (no final state recorded"));
+    // A stage with a result shows the job that made it under its outputs.
+    let s = d.ok(&["show", "ok"]);
+    assert!(s.contains("outputs") && s.contains("job       slurm job 76: COMPLETED") && s.contains("  | fgflow exec-job: stage `ok`"), "{s}");
+    assert_eq!(d.json(&["show", "ok", "--json"])["job"]["id"], 76);
+    // `export` of a stage without a result points at `show`.
+    let o = d.run(&["export", "bad.x", "out"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("fgflow show bad"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn gc_cleans_job_logs_of_unkept_keys_and_leases_nobody_holds() {
+    let d = Dir::new();
+    d.write("pipelines/c.ron", &chain(3, ""));
+    d.ok(&["run", "pipelines/c.ron"]);
+    let kept = status_key(&d, "pipelines/c.ron", "sum");
+    let gone = "ab".repeat(32);
+    fake_job(&d, &kept, 1, "COMPLETED 0:0", "kept\n");
+    fake_job(&d, &gone, 2, "FAILED 1:0", "gone\n");
+    // A lease whose holder on this host has exited, and one a live process holds.
+    let leases = d.path().join(".fgflow/leases");
+    std::fs::create_dir_all(&leases).unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let (dead_key, live_key) = ("cd".repeat(32), "ef".repeat(32));
+    std::fs::write(leases.join(&dead_key), format!("host {host}\npid {dead}\n")).unwrap();
+    std::fs::write(leases.join(&live_key), format!("host {host}\npid {}\n", std::process::id())).unwrap();
+    let dry = d.ok(&["gc", "--grace", "0", "--dry-run"]);
+    assert!(dry.contains("2 job log files, 1 leases (1 kept"), "{dry}");
+    assert!(leases.join(&dead_key).exists(), "a dry run removes nothing");
+    let out = d.ok(&["gc", "--grace", "0"]);
+    assert!(out.contains("removed 0 entries") && out.contains("2 job log files, 1 leases (1 kept"), "{out}");
+    let logs = d.path().join(".fgflow/logs");
+    assert!(logs.join(format!("{kept}.log")).exists() && logs.join(format!("{kept}.job")).exists(), "the log of a kept result stays");
+    assert!(!logs.join(format!("{gone}.log")).exists() && !logs.join(format!("{gone}.job")).exists());
+    assert!(!leases.join(&dead_key).exists() && leases.join(&live_key).exists());
+    // With a grace, nothing young goes.
+    fake_job(&d, &gone, 2, "FAILED 1:0", "gone\n");
+    d.ok(&["gc"]);
+    assert!(logs.join(format!("{gone}.log")).exists());
+}

@@ -1,5 +1,6 @@
 //! `--executor slurm` on a real Slurm (no fake `sbatch`): same keys and output digests
-//! as a local run, a failing job's exit code and log, a job past its time limit, and
+//! as a local run, a failing job's exit code and log (in the run's output, its job
+//! state lines, and `show`), a job past its time limit, light kinds kept local, and
 //! Ctrl-C cancelling the submitted jobs with the cache left consistent. Skipped, with
 //! the reason printed, where Slurm is not usable; `FGFLOW_REQUIRE_SLURM=1` (set by
 //! `.ci/run`) turns the skip into a failure.
@@ -63,7 +64,8 @@ fn results(d: &Dir, report: &serde_json::Value) -> BTreeMap<String, (String, ser
 
 fn job_ids(d: &Dir) -> Vec<u64> {
     let Ok(rd) = std::fs::read_dir(d.path().join(".fgflow/logs")) else { return vec![] };
-    rd.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".job")).filter_map(|e| std::fs::read_to_string(e.path()).ok()?.trim().parse().ok()).collect()
+    // `<key>.job`: the job id, then (once it ended) its final state.
+    rd.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".job")).filter_map(|e| std::fs::read_to_string(e.path()).ok()?.lines().next()?.trim().parse().ok()).collect()
 }
 
 fn job_states(ids: &[u64]) -> BTreeMap<u64, String> {
@@ -85,9 +87,17 @@ fn slurm_run_gives_the_keys_and_outputs_of_a_local_run() {
     let d = Dir::new();
     d.write("pipelines/p.ron", &pipeline(EXECUTOR));
     let started = Instant::now();
-    let s = d.json(&["run", "pipelines/p.ron", "--json", "--jobs", "2"]);
+    // stderr is a pipe, not a terminal: no progress bars, one line per job state change.
+    let o = d.run(&["run", "pipelines/p.ron", "--json", "--jobs", "2"]);
     let took = started.elapsed();
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(with_status(&s, "ran").len(), 5, "{s}");
+    for stage in ["gen", "sum", "odd", "both"] {
+        let line = |state: &str| err.lines().any(|l| l.starts_with(&format!("stage {stage}: job ")) && l.ends_with(&format!(" {state}")));
+        assert!(line("SUBMITTED") && line("COMPLETED"), "job state lines of {stage}: {err}");
+    }
+    assert!(!err.contains("stage report: job"), "`report` is local: {err}");
     assert_eq!(results(&local, &l), results(&d, &s), "Slurm and local runs differ");
     // Four stages went through Slurm (their logs are in the cache), `report` ran here.
     assert_eq!(job_ids(&d).len(), 4);
@@ -95,6 +105,10 @@ fn slurm_run_gives_the_keys_and_outputs_of_a_local_run() {
     assert!(states.values().all(|s| s == "COMPLETED"), "{states:?}");
     let log = std::fs::read_dir(d.path().join(".fgflow/logs")).unwrap().flatten().find(|e| e.file_name().to_string_lossy().ends_with(".log")).unwrap();
     assert!(std::fs::read_to_string(log.path()).unwrap().contains("fgflow exec-job: stage"));
+    // `show` prints the job that made a result: its id, final state and log tail.
+    let shown = d.ok(&["show", "gen"]);
+    assert!(shown.contains("COMPLETED") && shown.contains("| fgflow exec-job: stage `gen`"), "{shown}");
+    assert!(!d.ok(&["show", "report"]).contains("slurm job"), "`report` ran here");
 
     // Everything is cached: a second run submits nothing.
     let again = d.json(&["run", "pipelines/p.ron", "--json"]);
@@ -120,9 +134,10 @@ fn quick_ron_through_slurm_gives_the_keys_and_outputs_of_a_local_run() {
     local.write("pipelines/quick.ron", &text);
     let l = local.json(&["run", "pipelines/quick.ron", "--json", "-q"]);
     let d = Dir::new();
-    // Evaluation is light: it runs here, the rest as jobs.
-    let text = text.replacen("(\n  stages: {", "(\n  executor: Slurm(mem: \"2G\", time: \"00:20:00\"),\n  stages: {", 1).replace("\"eval_val\": (kind", "\"eval_val\": (local: true, kind");
-    assert!(text.contains("executor: Slurm") && text.contains("local: true"), "quick.ron changed shape");
+    // Evaluation is light: its kind runs here by default (no `local:` written), the
+    // rest as jobs.
+    let text = text.replacen("(\n  stages: {", "(\n  executor: Slurm(mem: \"2G\", time: \"00:20:00\"),\n  stages: {", 1);
+    assert!(text.contains("executor: Slurm") && !text.contains("local:"), "quick.ron changed shape");
     d.write("pipelines/quick.ron", &text);
     let s = d.json(&["run", "pipelines/quick.ron", "--json", "-q"]);
     assert_eq!(with_status(&s, "ran").len(), l["stages"].as_array().unwrap().len(), "{s}");
@@ -133,7 +148,42 @@ fn quick_ron_through_slurm_gives_the_keys_and_outputs_of_a_local_run() {
         r
     };
     assert_eq!(without_speed(results(&local, &l)), without_speed(results(&d, &s)), "Slurm and local runs of quick.ron differ");
-    assert_eq!(job_ids(&d).len(), l["stages"].as_array().unwrap().len() - 1);
+    let evals = ["eval_val", "eval_testa"];
+    assert_eq!(job_ids(&d).len(), l["stages"].as_array().unwrap().len() - evals.len());
+    for e in evals {
+        let key = s["stages"].as_array().unwrap().iter().find(|x| x["name"] == e).unwrap()["key"].as_str().unwrap().to_string();
+        assert!(!d.path().join(format!(".fgflow/logs/{key}.job")).exists(), "{e} was submitted");
+    }
+}
+
+#[test]
+fn light_kinds_run_in_the_controlling_process_unless_a_stage_says_local_false() {
+    if !slurm("light_kinds_run_in_the_controlling_process_unless_a_stage_says_local_false") {
+        return;
+    }
+    // `evaluate` is light: it runs here under `--executor slurm` unless it says
+    // `local: false`. Its inputs here are not predictions, so both fail; where each
+    // failed tells where it ran.
+    let d = Dir::new();
+    d.write(
+        "pipelines/p.ron",
+        &format!(
+            r#"( {EXECUTOR} stages: {{
+                "gen": (kind: "command", params: {{ "cmd": "echo x > p.txt", "outputs": {{ "p": "p.txt" }} }}),
+                "eval": (kind: "evaluate", inputs: {{ "predictions": "gen.p", "labels": "gen.p" }}),
+                "eval_job": (kind: "evaluate", local: false, inputs: {{ "predictions": "gen.p", "labels": "gen.p" }}, params: {{ "split": "testb" }}),
+            }})"#
+        ),
+    );
+    let o = d.run(&["run", "pipelines/p.ron", "--json"]);
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(with_status(&r, "failed"), ["eval", "eval_job"], "{r}");
+    let stage = |name: &str| r["stages"].as_array().unwrap().iter().find(|x| x["name"] == name).unwrap().clone();
+    let submitted = |name: &str| d.path().join(format!(".fgflow/logs/{}.job", stage(name)["key"].as_str().unwrap())).exists();
+    assert!(submitted("gen") && submitted("eval_job") && !submitted("eval"));
+    assert!(!stage("eval")["error"].as_str().unwrap().contains("slurm job"), "{r}");
+    assert!(stage("eval_job")["error"].as_str().unwrap().contains("slurm job"), "{r}");
+    assert_eq!(job_ids(&d).len(), 2);
 }
 
 #[test]
@@ -160,6 +210,11 @@ fn slurm_failure_reports_exit_code_state_and_log() {
     assert!(text.contains("skipped  next"), "{text}");
     let id = job_ids(&d)[0];
     assert!(text.contains(&format!("slurm job {id} FAILED")), "{text}");
+    assert!(text.contains(&format!("stage bad: job {id} FAILED (exit code 1)")), "the job state line: {text}");
+    // `fgflow show` gives the same after the fact: job id, final state, log tail, path.
+    let shown = d.ok(&["show", "bad"]);
+    assert!(shown.contains(&format!("slurm job {id}: FAILED (exit code 1)")), "{shown}");
+    assert!(shown.contains("| last words from the job") && shown.contains("/logs/"), "{shown}");
     // Nothing was recorded for the failed key; the cache is consistent.
     d.ok(&["verify"]);
 }

@@ -3,6 +3,7 @@
 mod cli;
 mod contract;
 mod fuzz;
+mod gpu_script;
 mod hostile_cache;
 mod hostile_load;
 mod hostile_stage;

@@ -8,6 +8,10 @@ Prints one JSON line like the Rust example: images/s of every epoch after the fi
 and the process's peak resident memory (ru_maxrss).
 
     python torch_train.py cnn 640 3        # model, images, epochs
+    python torch_train.py cnn 640 3 cuda   # on the GPU (benches/gpu/run.sh)
+
+On a GPU the augmentation still runs on the CPU per batch, as in the Rust example, and
+`loss.item()` synchronises every step, so both sides time the same work.
 """
 
 import json
@@ -97,6 +101,7 @@ def main():
     model_name = sys.argv[1] if len(sys.argv) > 1 else "cnn"
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 640
     epochs = max(2, int(sys.argv[3]) if len(sys.argv) > 3 else 3)
+    device = torch.device(sys.argv[4] if len(sys.argv) > 4 else "cpu")
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     # The Rust example's generator: a 64-bit LCG, a stroke pixel when the top 4 bits < 3.
@@ -106,9 +111,9 @@ def main():
         s = (s * mult + inc) & mask
         pixels[i] = 255 if (s >> 60) < 3 else 0
     images = pixels.reshape(n, 28, 28)
-    labels = torch.arange(n) % 345
+    labels = (torch.arange(n) % 345).to(device)
 
-    model = Cnn() if model_name == "cnn" else Vit()
+    model = (Cnn() if model_name == "cnn" else Vit()).to(device)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     model.train()
@@ -121,8 +126,8 @@ def main():
             idx = order[b:b + 64]
             if len(idx) < 2:
                 continue
-            x = torch.from_numpy(augment(images[idx], rng)).float().div_(255).unsqueeze(1)
-            y = labels[idx]
+            x = torch.from_numpy(augment(images[idx], rng)).float().div_(255).unsqueeze(1).to(device)
+            y = labels[torch.from_numpy(idx).to(device)]
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -130,8 +135,10 @@ def main():
             loss.item()
             seen += len(idx)
         rates.append(seen / (time.perf_counter() - start))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"impl": f"pytorch-{torch.__version__}", "model": model_name, "params": params,
+    print(json.dumps({"impl": f"pytorch-{torch.__version__}-{device.type}", "model": model_name, "params": params,
                       "images_per_sec": [round(r, 2) for r in rates[1:]], "peak_rss_mib": round(peak, 1)}))
 
 

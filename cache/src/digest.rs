@@ -27,7 +27,9 @@ impl Digest {
             hasher.update_mmap_rayon(path)?;
         } else {
             let mut file = File::open(path)?;
-            let mut buf = vec![0u8; 256 << 10];
+            // No bigger than the file: a large zeroed buffer per small source costs
+            // more than hashing it.
+            let mut buf = vec![0u8; (len as usize).clamp(1, 256 << 10)];
             loop {
                 let n = file.read(&mut buf)?;
                 if n == 0 {

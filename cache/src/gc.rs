@@ -3,7 +3,11 @@
 //! `gc` keeps every entry named by a kept ref (the last run of each stage of each
 //! pipeline file that still exists) plus every entry or blob younger than the grace
 //! period (a run in progress, or a result the user may still want to revert to), and
-//! every blob reachable from kept entries. Damaged entries are left to `verify`.
+//! every blob reachable from kept entries. Damaged entries are left to `verify`. It
+//! also cleans what cluster executors keep per key ([`LOGS_DIR`], [`LEASES_DIR`]): job
+//! logs and ids of keys no longer kept, and leases nobody holds (never one whose job
+//! may still run: the caller, who knows the scheduler, says which through
+//! [`LeaseCheck`]).
 //!
 //! `verify` checks every record and repairs by removal, in one pass that never stops
 //! at the first problem: blobs are re-hashed (and removed when their content does not
@@ -35,6 +39,42 @@ pub struct GcReport {
     pub blobs_removed: usize,
     pub bytes_removed: u64,
     pub temp_removed: usize,
+    /// Job logs and job-id files (`logs/<key>.log`, `logs/<key>.job`) removed.
+    pub logs_removed: usize,
+    /// Leases removed (`leases/<key>`, and ones set aside when taken over).
+    pub leases_removed: usize,
+    /// Leases left because their job may still run or their holder may be alive.
+    pub leases_kept: usize,
+}
+
+/// Cluster executors' per-key files under the cache root: `<key>.log` (what the job
+/// printed) and `<key>.job` (its job id and final state). Named here, below the engine
+/// that writes them, so that `gc` can clean them.
+pub const LOGS_DIR: &str = "logs";
+/// Per-key leases of the controllers submitting them: `leases/<key>`.
+pub const LEASES_DIR: &str = "leases";
+/// A lease its holder has not touched for this long is not held: holders touch theirs
+/// on every polling round, at most 15 s apart.
+pub const LEASE_STALE: Duration = Duration::from_secs(120);
+
+/// What `gc` asks about a lease of the cluster executor (the cache knows no scheduler).
+pub trait LeaseCheck {
+    /// Whether the job the lease names may still be running; when that cannot be told
+    /// (no scheduler answers), `true`. Such a lease is never removed.
+    fn job_may_run(&self, lease: &Path) -> bool;
+    /// Whether the lease's holder is known to be gone (a dead process on this host).
+    fn holder_gone(&self, lease: &Path) -> bool;
+}
+
+/// Knows nothing: every lease may belong to a running job, so none is removed.
+pub struct NoLeaseInfo;
+impl LeaseCheck for NoLeaseInfo {
+    fn job_may_run(&self, _: &Path) -> bool {
+        true
+    }
+    fn holder_gone(&self, _: &Path) -> bool {
+        false
+    }
 }
 
 /// The kind of record a problem was found in.
@@ -170,9 +210,16 @@ fn entry_files(store: &Store) -> Result<Vec<(Digest, PathBuf)>> {
 }
 
 /// Remove what `keep` (entry keys) does not reach. Caller holds the exclusive lock.
+/// Leaves every lease in place (see [`gc_with`]).
 pub fn gc(store: &Store, keep: &HashSet<Digest>, grace: Duration, dry_run: bool) -> Result<GcReport> {
+    gc_with(store, keep, grace, dry_run, &NoLeaseInfo)
+}
+
+/// [`gc`], removing the leases `leases` says are not in use.
+pub fn gc_with(store: &Store, keep: &HashSet<Digest>, grace: Duration, dry_run: bool, leases: &dyn LeaseCheck) -> Result<GcReport> {
     let mut report = GcReport::default();
     let mut live_blobs = HashSet::new();
+    let mut kept_keys = keep.clone();
     for (key, path) in entry_files(store)? {
         // A damaged entry is `verify`'s to report and remove; gc neither keeps its
         // blobs alive on its word nor deletes it silently.
@@ -180,6 +227,7 @@ pub fn gc(store: &Store, keep: &HashSet<Digest>, grace: Duration, dry_run: bool)
         let young = fs::metadata(&path).map(|m| !older_than(&m, grace)).unwrap_or(true);
         if keep.contains(&key) || young {
             report.entries_kept += 1;
+            kept_keys.insert(key);
             for d in entry.blobs() {
                 live_blobs.insert(*d);
             }
@@ -223,7 +271,84 @@ pub fn gc(store: &Store, keep: &HashSet<Digest>, grace: Duration, dry_run: bool)
             let _ = damage::remove_any(&p);
         }
     }
+    let held = gc_leases(store, grace, dry_run, leases, &mut report);
+    gc_logs(store, &kept_keys, &held, grace, dry_run, &mut report);
     Ok(report)
+}
+
+/// Age of a file by its mtime; `None` when it cannot be told (then it is kept).
+fn age(meta: &fs::Metadata) -> Option<Duration> {
+    meta.modified().ok().and_then(|m| SystemTime::now().duration_since(m).ok())
+}
+
+/// Removes leases nobody holds: never one whose job may still run; otherwise one whose
+/// holder is gone, or untouched for longer than both the grace and [`LEASE_STALE`].
+/// Leases set aside by a take-over (`<key>.stale-<pid>`) go after the grace. Returns
+/// the keys whose lease stays.
+fn gc_leases(store: &Store, grace: Duration, dry_run: bool, leases: &dyn LeaseCheck, report: &mut GcReport) -> HashSet<String> {
+    let mut held = HashSet::new();
+    let Ok(rd) = fs::read_dir(store.root().join(LEASES_DIR)) else { return held };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+        let Some(age) = age(&meta) else {
+            held.insert(name);
+            continue;
+        };
+        let remove = if name.parse::<Digest>().is_ok() {
+            let unheld = leases.holder_gone(&path) || (age > grace && age > LEASE_STALE);
+            let remove = meta.is_file() && !leases.job_may_run(&path) && unheld;
+            if !remove {
+                report.leases_kept += 1;
+                held.insert(name);
+            }
+            remove
+        } else {
+            name.contains(".stale-") && age > grace
+        };
+        if remove {
+            report.leases_removed += 1;
+            if !dry_run {
+                let _ = damage::remove_any(&path);
+            }
+        }
+    }
+    held
+}
+
+/// Removes job logs and job-id files of keys neither kept nor under a lease, older
+/// than the grace, and the launcher's leftover temp files. Anything else in the
+/// directory (the launcher script itself) is left alone.
+fn gc_logs(store: &Store, kept: &HashSet<Digest>, held: &HashSet<String>, grace: Duration, dry_run: bool, report: &mut GcReport) {
+    let Ok(rd) = fs::read_dir(store.root().join(LOGS_DIR)) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(meta) = e.metadata() else { continue };
+        if !age(&meta).is_some_and(|a| a > grace) {
+            continue;
+        }
+        let stem = name.strip_suffix(".log").or_else(|| name.strip_suffix(".job"));
+        let remove = match stem.map(|s| (s, s.parse::<Digest>())) {
+            Some((hex, Ok(key))) => !kept.contains(&key) && !held.contains(hex),
+            _ => {
+                // The launcher script is written to a temp name first.
+                if name.starts_with(".exec-job.sh.") {
+                    report.temp_removed += 1;
+                    if !dry_run {
+                        let _ = damage::remove_any(&e.path());
+                    }
+                }
+                continue;
+            }
+        };
+        if remove {
+            report.logs_removed += 1;
+            if !dry_run {
+                let _ = damage::remove_any(&e.path());
+            }
+        }
+    }
 }
 
 /// [`verify_with`] without the engine's checks.
@@ -573,6 +698,84 @@ mod tests {
         assert!(!odd.exists());
         let r = gc(&store, &HashSet::new(), Duration::MAX, true).unwrap();
         assert_eq!(r.blobs_removed, 0, "nothing is older than the longest grace");
+    }
+
+    /// Says, per lease file name, whether its job may run and whether its holder is gone.
+    struct Told(Vec<(String, bool, bool)>);
+    impl LeaseCheck for Told {
+        fn job_may_run(&self, lease: &Path) -> bool {
+            self.0.iter().any(|(n, run, _)| lease.ends_with(n) && *run)
+        }
+        fn holder_gone(&self, lease: &Path) -> bool {
+            self.0.iter().any(|(n, _, gone)| lease.ends_with(n) && *gone)
+        }
+    }
+
+    fn aged(path: &Path, by: Duration) {
+        let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.set_modified(SystemTime::now() - by).unwrap();
+    }
+
+    #[test]
+    fn gc_cleans_job_logs_of_unkept_keys_and_leases_nobody_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (kept, dropped, failed, leased) = (Digest::of_bytes(b"kept"), Digest::of_bytes(b"dropped"), Digest::of_bytes(b"failed"), Digest::of_bytes(b"leased"));
+        entry(&store, kept, "a");
+        entry(&store, dropped, "b");
+        // An entry gc removes (old, not kept): its job's log and id go with it.
+        aged(&entry_path(&store, &dropped), Duration::from_secs(3 * 86400));
+        let logs = dir.path().join(LOGS_DIR);
+        let leases = dir.path().join(LEASES_DIR);
+        fs::create_dir_all(&logs).unwrap();
+        fs::create_dir_all(&leases).unwrap();
+        let day = Duration::from_secs(86400);
+        for k in [kept, dropped, failed, leased] {
+            for ext in ["log", "job"] {
+                let p = logs.join(format!("{}.{ext}", k.to_hex()));
+                fs::write(&p, "x").unwrap();
+                aged(&p, 2 * day);
+            }
+        }
+        let young = logs.join(format!("{}.log", Digest::of_bytes(b"young").to_hex()));
+        fs::write(&young, "x").unwrap();
+        fs::write(logs.join("exec-job.sh"), "#!/bin/sh").unwrap();
+        aged(&logs.join("exec-job.sh"), 2 * day);
+        // Leases: `leased` names a job still running (kept whatever its age); `gone`
+        // was held by a dead process (removed at once); `old` is untouched for two days
+        // (removed); `fresh` was touched just now by a live controller (kept).
+        let lease = |k: &str, by: Duration| {
+            let p = leases.join(k);
+            fs::write(&p, "job 1\n").unwrap();
+            aged(&p, by);
+        };
+        let (gone, old, fresh) = (Digest::of_bytes(b"gone").to_hex(), Digest::of_bytes(b"old").to_hex(), Digest::of_bytes(b"fresh").to_hex());
+        lease(&leased.to_hex(), 2 * day);
+        lease(&gone, Duration::ZERO);
+        lease(&old, 2 * day);
+        lease(&fresh, Duration::ZERO);
+        lease(&format!("{fresh}.stale-12"), 2 * day);
+        let told = Told(vec![(leased.to_hex(), true, true), (gone.clone(), false, true)]);
+        let keep: HashSet<Digest> = [kept].into();
+        let dry = gc_with(&store, &keep, day, true, &told).unwrap();
+        assert_eq!((dry.logs_removed, dry.leases_removed, dry.leases_kept), (4, 3, 2), "{dry:?}");
+        assert!(leases.join(&gone).exists(), "a dry run removes nothing");
+        let r = gc_with(&store, &keep, day, false, &told).unwrap();
+        assert_eq!(r, dry);
+        let left = |d: &Path| {
+            let mut v: Vec<String> = fs::read_dir(d).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+            v.sort();
+            v
+        };
+        let mut want_logs = vec![format!("{}.job", kept.to_hex()), format!("{}.log", kept.to_hex()), format!("{}.job", leased.to_hex()), format!("{}.log", leased.to_hex()), young.file_name().unwrap().to_string_lossy().into_owned(), "exec-job.sh".into()];
+        want_logs.sort();
+        assert_eq!(left(&logs), want_logs, "logs of the kept entry, of a key under a lease, young ones and the launcher stay");
+        let mut want_leases = vec![leased.to_hex(), fresh.clone()];
+        want_leases.sort();
+        assert_eq!(left(&leases), want_leases);
+        // Without a scheduler to ask, no lease is removed.
+        let r = gc(&store, &keep, Duration::ZERO, false).unwrap();
+        assert_eq!((r.leases_removed, r.leases_kept), (0, 2));
     }
 
     #[test]

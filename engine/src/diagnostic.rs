@@ -7,6 +7,8 @@
 //! copy of the source whose very long lines are shown as a window around the span.
 
 use std::borrow::Cow;
+use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::HashMap;
 use std::fmt;
 
 use miette::{Diagnostic, MietteError, MietteSpanContents, NamedSource, SourceCode, SourceSpan, SpanContents};
@@ -282,52 +284,108 @@ pub fn offset_of(src: &str, line: usize, col: usize) -> usize {
 /// Finds spans of stages and fields in the RON text. RON's parser does not keep spans
 /// for values, so this scans the source for the quoted names (hand-written; see
 /// ARCHITECTURE.md). Falls back to the enclosing stage, then the file start.
+///
+/// Locating is lazy: nothing is scanned until a span is asked for, which only happens
+/// when there is an error to report, so loading a valid file never reads its text
+/// again. The first span asked for lexes the `stages` map once into a name -> offset
+/// index; every later stage lookup is a hash lookup, so reporting many errors stays
+/// linear in the file's size.
 pub struct Locator<'a> {
     src: &'a str,
-    /// (stage name, byte offset of its quoted key), in file order.
-    stages: Vec<(String, usize)>,
+    /// The declared names, for the fallback search when the file cannot be lexed;
+    /// consumed when the index is built.
+    names: RefCell<Option<Box<dyn Iterator<Item = String> + 'a>>>,
+    index: OnceCell<StageIndex>,
     /// Expanded stage name (`round@2`) -> the declaration it came from.
-    aliases: std::collections::HashMap<String, String>,
+    aliases: Option<&'a HashMap<String, String>>,
+}
+
+/// Where each stage's declaration starts, built by one pass over the text.
+#[derive(Debug, Default)]
+struct StageIndex {
+    /// Byte offset of each stage's quoted key, in file order (duplicates kept).
+    offsets: Vec<usize>,
+    /// Stage name -> its first position in `offsets`.
+    first: HashMap<String, usize>,
+}
+
+impl StageIndex {
+    fn new(stages: Vec<(String, usize)>) -> StageIndex {
+        let mut first = HashMap::with_capacity(stages.len());
+        let mut offsets = Vec::with_capacity(stages.len());
+        for (i, (name, at)) in stages.into_iter().enumerate() {
+            offsets.push(at);
+            first.entry(name).or_insert(i);
+        }
+        StageIndex { offsets, first }
+    }
+}
+
+thread_local! {
+    /// Passes over a whole pipeline text made by locating (index builds, top-level
+    /// field searches) on this thread: what the linearity tests count.
+    static TEXT_SCANS: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Whole-text scans made by [`Locator`]s on this thread so far (for tests that guard
+/// that loading a valid pipeline scans nothing and reporting errors scans once).
+pub fn text_scans() -> usize {
+    TEXT_SCANS.with(Cell::get)
+}
+
+fn count_scan() {
+    TEXT_SCANS.with(|c| c.set(c.get() + 1));
 }
 
 impl<'a> Locator<'a> {
     /// Stage keys are found by lexing the `stages` map of the file (so a name written
     /// with escapes, `"a\\nb"` or `"\\u{1b}"`, is found too); when the file cannot be
-    /// lexed that far, by searching for each quoted name.
-    pub fn new(src: &'a str, names: impl IntoIterator<Item = String>) -> Self {
-        let lexed = stage_keys(src);
-        if !lexed.is_empty() {
-            return Locator { src, stages: lexed, aliases: Default::default() };
-        }
-        let mut stages = Vec::new();
-        let mut from = 0;
-        for name in names {
-            if let Some(at) = find_key(src, &name, from, src.len()) {
-                stages.push((name, at));
-                from = at + 1;
+    /// lexed that far, by searching for each of `names` in turn. Nothing is read until
+    /// the first span is asked for.
+    pub fn new(src: &'a str, names: impl IntoIterator<Item = String> + 'a) -> Self {
+        Locator { src, names: RefCell::new(Some(Box::new(names.into_iter()))), index: OnceCell::new(), aliases: None }
+    }
+
+    fn index(&self) -> &StageIndex {
+        self.index.get_or_init(|| {
+            count_scan();
+            let names = self.names.borrow_mut().take();
+            let lexed = stage_keys(self.src);
+            if !lexed.is_empty() {
+                return StageIndex::new(lexed);
             }
-        }
-        Locator { src, stages, aliases: Default::default() }
+            let mut stages = Vec::new();
+            let mut from = 0;
+            for name in names.into_iter().flatten() {
+                if let Some(at) = find_key(self.src, &name, from, self.src.len()) {
+                    stages.push((name, at));
+                    from = at + 1;
+                }
+            }
+            StageIndex::new(stages)
+        })
     }
 
     /// The top-level field `name` of the file (`backend`, `stages`), or the file start.
     pub fn top_level(&self, name: &str) -> SourceSpan {
+        count_scan();
         match top_level_field(self.src, name) {
             Some(at) => (at, name.len()).into(),
             None => (0, 0).into(),
         }
     }
 
-    pub fn with_aliases(mut self, aliases: std::collections::HashMap<String, String>) -> Self {
-        self.aliases = aliases;
+    pub fn with_aliases(mut self, aliases: &'a HashMap<String, String>) -> Self {
+        self.aliases = Some(aliases);
         self
     }
 
     fn region(&self, stage: &str) -> Option<(usize, usize)> {
-        let stage = self.aliases.get(stage).map(String::as_str).unwrap_or(stage);
-        let i = self.stages.iter().position(|(n, _)| n == stage)?;
-        let start = self.stages[i].1;
-        let end = self.stages.get(i + 1).map(|s| s.1).unwrap_or(self.src.len());
+        let stage = self.aliases.and_then(|a| a.get(stage)).map(String::as_str).unwrap_or(stage);
+        let index = self.index();
+        let i = *index.first.get(stage)?;
+        let start = index.offsets[i];
+        let end = index.offsets.get(i + 1).copied().unwrap_or(self.src.len());
         Some((start, end))
     }
 
@@ -586,7 +644,10 @@ fn stage_keys(src: &str) -> Vec<(String, usize)> {
 
 impl fmt::Display for Locator<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} stages located", self.stages.len())
+        match self.index.get() {
+            Some(index) => write!(f, "{} stages located", index.offsets.len()),
+            None => f.write_str("nothing located yet"),
+        }
     }
 }
 
@@ -610,5 +671,34 @@ mod tests {
         let s = loc.field("b", "params", Some("seed"));
         assert_eq!(&src[s.offset()..s.offset() + s.len()], "\"seed\"");
         assert!(s.offset() > loc.stage("b").offset());
+    }
+
+    #[test]
+    fn the_index_is_built_once_on_first_use_and_maps_names_to_their_first_declaration() {
+        let src = r#"( stages: { "a": (kind: "x"), "b": (kind: "y", params: { "seed": 2 }), "a": (kind: "z"), "r": (kind: "w", params: { "k": 1 }) } )"#;
+        let aliases = HashMap::from([("r@1".to_string(), "r".to_string())]);
+        let before = text_scans();
+        let loc = Locator::new(src, ["a", "b", "a", "r"].map(String::from)).with_aliases(&aliases);
+        assert_eq!(text_scans(), before, "nothing is scanned until a span is asked for");
+        let a = loc.stage("a");
+        assert_eq!(a.offset(), src.find("\"a\"").unwrap(), "a repeated name is located at its first declaration");
+        assert_eq!(a.len(), 3);
+        let k = loc.field("r@1", "params", Some("k"));
+        assert_eq!(&src[k.offset()..k.offset() + k.len()], "\"k\"");
+        // The region of `b` ends where the next declaration starts: its `seed` is found,
+        // the `kind` of the second `a` is not taken for b's.
+        let seed = loc.field("b", "params", Some("seed"));
+        assert_eq!(&src[seed.offset()..seed.offset() + seed.len()], "\"seed\"");
+        assert_eq!(loc.field("nope", "params", None).offset(), 0);
+        assert_eq!(text_scans(), before + 1, "one pass over the text, whatever the number of lookups");
+        assert_eq!(loc.to_string(), "4 stages located");
+    }
+
+    #[test]
+    fn an_unlexable_file_falls_back_to_searching_each_name() {
+        // An unterminated raw string before `stages`: the lexer stops there.
+        let src = "( backend: r#\"x, stages: { \"a\": (kind: \"x\"), \"b\": (kind: \"y\") } )";
+        let loc = Locator::new(src, ["a", "b"].map(String::from));
+        assert_eq!(loc.stage("b").offset(), src.find("\"b\"").unwrap());
     }
 }

@@ -49,6 +49,13 @@ pub enum Event {
 
 pub trait Observer: ProgressSink {
     fn event(&self, event: &Event);
+    /// A cluster job of `stage` changed state (`SUBMITTED`, `PENDING`, `RUNNING`, then
+    /// its final state, with `detail` such as an exit code). By default it becomes the
+    /// stage's progress message.
+    fn job_state(&self, stage: &str, job: u64, state: &str, detail: &str) {
+        let sep = if detail.is_empty() { "" } else { " " };
+        self.progress(stage, 0, 1, &format!("slurm job {job} {state}{sep}{detail}"));
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -3,6 +3,7 @@
 //! `{index}` and `{prev_item}` substituted). Expanded names depend only on the items,
 //! so adding a round keeps the names, and so the cache, of the existing ones.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use indexmap::IndexMap;
@@ -12,14 +13,15 @@ use crate::spec::{InputDecl, StageDecl, StageMap};
 /// A problem found while expanding: (declaration name, section, field, message).
 pub type ExpandError = (String, &'static str, Option<String>, String);
 
-pub struct Expanded {
-    pub stages: Vec<(String, StageDecl)>,
+pub struct Expanded<'a> {
+    /// A declaration that neither inherits nor expands is borrowed, not copied.
+    pub stages: Vec<(String, Cow<'a, StageDecl>)>,
     /// Expanded stage name -> the declaration it came from (for error spans).
     pub origin: HashMap<String, String>,
     pub errors: Vec<ExpandError>,
 }
 
-pub fn expand(map: &StageMap) -> Expanded {
+pub fn expand(map: &StageMap) -> Expanded<'_> {
     let decls: HashMap<&str, &StageDecl> = map.0.iter().map(|(n, d)| (n.as_str(), d)).collect();
     let mut errors = Vec::new();
     let mut stages = Vec::new();
@@ -67,7 +69,7 @@ pub fn expand(map: &StageMap) -> Expanded {
                             None => s,
                         }
                     };
-                    let mut d = resolved.clone();
+                    let mut d = resolved.as_ref().clone();
                     d.foreach = None;
                     d.params = d.params.iter().map(|(k, v)| (k.clone(), subst_value(v, &sub, i))).collect();
                     let mut inputs = IndexMap::new();
@@ -98,7 +100,7 @@ pub fn expand(map: &StageMap) -> Expanded {
                     d.first = IndexMap::new();
                     let full = format!("{name}@{item}");
                     origin.insert(full.clone(), name.clone());
-                    stages.push((full, d));
+                    stages.push((full, Cow::Owned(d)));
                 }
             }
         }
@@ -107,7 +109,10 @@ pub fn expand(map: &StageMap) -> Expanded {
 }
 
 /// Follow `extends` to its root, merging on the way; reports cycles and missing bases.
-fn inherit(name: &str, decl: &StageDecl, decls: &HashMap<&str, &StageDecl>) -> Result<StageDecl, String> {
+fn inherit<'a>(name: &str, decl: &'a StageDecl, decls: &HashMap<&str, &StageDecl>) -> Result<Cow<'a, StageDecl>, String> {
+    if decl.extends.is_none() {
+        return Ok(Cow::Borrowed(decl));
+    }
     let mut chain = vec![name.to_string()];
     let mut layers = vec![decl];
     let mut cur = decl;
@@ -150,7 +155,7 @@ fn inherit(name: &str, decl: &StageDecl, decls: &HashMap<&str, &StageDecl>) -> R
     out.extends = None;
     out.template = decl.template;
     out.foreach = decl.foreach.clone();
-    Ok(out)
+    Ok(Cow::Owned(out))
 }
 
 fn subst_value(v: &ron::Value, sub: &dyn Fn(&str) -> String, index: usize) -> ron::Value {

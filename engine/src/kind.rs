@@ -164,6 +164,13 @@ pub trait StageKind: Send + Sync + 'static {
     fn resources(&self, _params: &Params) -> Resources {
         Resources::Light
     }
+    /// Whether a stage of this kind runs in the controlling process under a cluster
+    /// executor (`--executor slurm`) unless it says `local: false`: cheap kinds whose
+    /// job would spend longer in the queue than running. Where a stage runs never
+    /// changes its key, so this is not part of any key.
+    fn local_by_default(&self) -> bool {
+        false
+    }
     /// Whether the compute backend changes this kind's numbers (then it is part of the key).
     fn backend_sensitive(&self) -> bool {
         false
@@ -304,5 +311,63 @@ impl<'a> RunContext<'a> {
 
     pub fn take_log(&self) -> String {
         std::mem::take(&mut *self.log.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Pipeline, Registry};
+    use std::collections::HashMap;
+
+    macro_rules! kind {
+        ($t:ident, $name:literal $(, $extra:item)*) => {
+            struct $t;
+            impl StageKind for $t {
+                fn name(&self) -> &'static str {
+                    $name
+                }
+                fn version(&self) -> u32 {
+                    1
+                }
+                fn summary(&self) -> &'static str {
+                    ""
+                }
+                fn params(&self) -> Vec<ParamSpec> {
+                    vec![]
+                }
+                fn inputs(&self) -> Vec<PortSpec> {
+                    vec![]
+                }
+                fn outputs(&self, _: &Params) -> Vec<PortSpec> {
+                    vec![PortSpec::one("out", ArtifactType::ANY, "")]
+                }
+                fn run(&self, _: &RunContext) -> Result<(), StageError> {
+                    Ok(())
+                }
+                $($extra)*
+            }
+        };
+    }
+    kind!(Cheap, "cheap", fn local_by_default(&self) -> bool { true });
+    // Says nothing: the trait's default (a job under a cluster executor).
+    kind!(Costly, "costly");
+
+    #[test]
+    fn local_comes_from_the_kind_unless_the_stage_says_and_is_not_keyed() {
+        let mut reg = Registry::new();
+        reg.register(Cheap).register(Costly);
+        let src = r#"(stages: {
+            "a": (kind: "cheap"), "b": (kind: "cheap", local: false),
+            "c": (kind: "costly"), "d": (kind: "costly", local: true),
+        })"#;
+        let p = Pipeline::from_source(Path::new("p.ron"), src.into(), &reg).unwrap();
+        let local: Vec<(&str, bool)> = p.stages.iter().map(|s| (s.name.as_str(), s.local)).collect();
+        assert_eq!(local, [("a", true), ("b", false), ("c", false), ("d", true)]);
+        // Where a stage runs is not part of its key: `a` and `b` (same kind and params,
+        // one local and one not) share one key, as do `c` and `d`.
+        let key = |name: &str| crate::plan::fingerprint(p.stage(name).unwrap(), &BTreeMap::new(), &HashMap::new(), "flex").0.key();
+        assert_eq!(key("a"), key("b"));
+        assert_eq!(key("c"), key("d"));
     }
 }

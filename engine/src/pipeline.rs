@@ -50,7 +50,8 @@ pub struct Stage {
     pub env: Vec<String>,
     /// What a cluster job of this stage asks for (not part of the key).
     pub job: crate::slurm::JobResources,
-    /// Runs in the controlling process even under a cluster executor.
+    /// Runs in the controlling process even under a cluster executor: the stage's
+    /// `local:`, else its kind's `local_by_default` (not part of the key).
     pub local: bool,
 }
 
@@ -77,6 +78,8 @@ pub struct Pipeline {
     pub stages: Vec<Stage>,
     pub graph: DiGraph<String, OutputRef>,
     index: HashMap<String, usize>,
+    /// Graph node of each stage, by position in `stages`.
+    nodes: Vec<NodeIndex>,
 }
 
 impl Pipeline {
@@ -88,9 +91,15 @@ impl Pipeline {
         self.index.get(name).copied()
     }
 
-    /// Stages that read from `name`, directly.
+    /// Stages that read from `name`, directly, in pipeline order. Follows the graph's
+    /// edges, so asking for every stage's dependents costs the size of the graph.
     pub fn downstream(&self, name: &str) -> Vec<&str> {
-        self.stages.iter().filter(|s| s.upstream().contains(&name)).map(|s| s.name.as_str()).collect()
+        let Some(&i) = self.index.get(name) else { return Vec::new() };
+        let mut positions: Vec<usize> =
+            self.graph.neighbors_directed(self.nodes[i], petgraph::Direction::Outgoing).filter_map(|n| self.index.get(&self.graph[n]).copied()).collect();
+        positions.sort_unstable();
+        positions.dedup();
+        positions.into_iter().map(|j| self.stages[j].name.as_str()).collect()
     }
 
     /// Load and check a pipeline file.
@@ -120,7 +129,7 @@ impl Pipeline {
             }
         };
         let expanded = expand(&parsed.stages);
-        let loc = Locator::new(&src, parsed.stages.0.iter().map(|(n, _)| n.clone())).with_aliases(expanded.origin.clone());
+        let loc = Locator::new(&src, parsed.stages.0.iter().map(|(n, _)| n.clone())).with_aliases(&expanded.origin);
         let mut errors = Vec::new();
         let mut err = |span: miette::SourceSpan, message: String, label: &str, help: Option<String>| {
             errors.push(SpecError { message, span, label: label.into(), help });
@@ -136,11 +145,11 @@ impl Pipeline {
         }
 
         // Pass 1: kinds and parameters, stage by stage.
-        let mut seen = HashMap::new();
-        let mut checked: Vec<(String, Option<Arc<dyn StageKind>>, Params, BTreeMap<String, Vec<String>>)> = Vec::new();
+        let mut seen: HashMap<&str, ()> = HashMap::with_capacity(expanded.stages.len());
+        let mut checked: Vec<(String, Option<Arc<dyn StageKind>>, Params, BTreeMap<String, Vec<String>>)> = Vec::with_capacity(expanded.stages.len());
         for (sname, decl) in &expanded.stages {
             let decl_kind = decl.kind.as_deref().unwrap_or_default();
-            if seen.insert(sname.clone(), ()).is_some() {
+            if seen.insert(sname.as_str(), ()).is_some() {
                 err(loc.stage(sname), format!("stage `{sname}` is defined twice"), "second definition", Some("stage names must be unique".into()));
                 continue;
             }
@@ -226,15 +235,14 @@ impl Pipeline {
         }
 
         // Pass 2: inputs, now that every stage's outputs are known.
-        let outputs_of: HashMap<String, Vec<PortSpec>> = checked
-            .iter()
-            .filter_map(|(n, k, p, _)| k.as_ref().map(|k| (n.clone(), k.outputs(p))))
-            .collect();
-        let mut stages = Vec::new();
-        for ((sname, kind, params, paths), (_, decl)) in checked.into_iter().zip(expanded.stages.iter().filter({
-            let mut once = HashMap::new();
-            move |(n, _)| once.insert(n.clone(), ()).is_none()
-        })) {
+        let mut outputs_of: HashMap<&str, Vec<PortSpec>> = HashMap::with_capacity(checked.len());
+        for ((_, k, p, _), (n, _)) in checked.iter().zip(expanded.stages.iter().filter(first_of_each_name())) {
+            if let Some(k) = k {
+                outputs_of.insert(n.as_str(), k.outputs(p));
+            }
+        }
+        let mut stages = Vec::with_capacity(checked.len());
+        for ((sname, kind, params, paths), (_, decl)) in checked.into_iter().zip(expanded.stages.iter().filter(first_of_each_name())) {
             let Some(kind) = kind else { continue };
             let decl_kind = kind.name();
             let ports = kind.inputs();
@@ -257,21 +265,22 @@ impl Pipeline {
                 }
                 let mut refs = Vec::new();
                 for r in decl_in.refs() {
-                    let span = loc.field(&sname, "inputs", Some(port));
+                    // Located only when there is an error to report.
+                    let span = || loc.field(&sname, "inputs", Some(port));
                     let Some((up, out)) = spec::split_ref(r) else {
-                        err(span, format!("stage `{sname}`: input `{port}`: `{r}` is not of the form \"stage.output\""), "bad reference", None);
+                        err(span(), format!("stage `{sname}`: input `{port}`: `{r}` is not of the form \"stage.output\""), "bad reference", None);
                         continue;
                     };
                     let Some(up_outputs) = outputs_of.get(up) else {
                         if seen.contains_key(up) {
                             continue; // its own error (e.g. unknown kind) was reported
                         }
-                        err(span, format!("stage `{sname}`: input `{port}` refers to a missing stage `{up}`"), "no such stage", Some(format!("stages: {}", seen.keys().cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", "))));
+                        err(span(), format!("stage `{sname}`: input `{port}` refers to a missing stage `{up}`"), "no such stage", Some(format!("stages: {}", seen.keys().cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", "))));
                         continue;
                     };
                     let Some(op) = up_outputs.iter().find(|o| o.name == out) else {
                         err(
-                            span,
+                            span(),
                             format!("stage `{sname}`: input `{port}`: stage `{up}` has no output `{out}`"),
                             "no such output",
                             Some(format!("outputs of `{up}`: {}", up_outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>().join(", "))),
@@ -279,7 +288,7 @@ impl Pipeline {
                         continue;
                     };
                     if !ps.ty.accepts(op.ty) {
-                        err(span, format!("stage `{sname}`: input `{port}` expects `{}` but `{r}` is `{}`", ps.ty, op.ty), "type mismatch", None);
+                        err(span(), format!("stage `{sname}`: input `{port}` expects `{}` but `{r}` is `{}`", ps.ty, op.ty), "type mismatch", None);
                         continue;
                     }
                     refs.push(OutputRef { stage: up.to_string(), output: out.to_string() });
@@ -291,23 +300,29 @@ impl Pipeline {
                     err(loc.stage(&sname), format!("stage `{sname}`: missing input `{}` ({})", ps.name, ps.ty), "in this stage", (!ps.doc.is_empty()).then(|| ps.doc.to_string()));
                 }
             }
-            let outputs = kind.outputs(&params);
+            // Filled in from `outputs_of` once no input refers to it any more.
+            let outputs = Vec::new();
             let resources = decl.resources.unwrap_or_else(|| kind.resources(&params));
             let env = kind.env(&params);
-            let (job, local) = (decl.job.clone().unwrap_or_default(), decl.local.unwrap_or(false));
+            let (job, local) = (decl.job.clone().unwrap_or_default(), decl.local.unwrap_or_else(|| kind.local_by_default()));
             stages.push(Stage { name: sname, kind, params, inputs, outputs, resources, paths, env, job, local });
         }
 
-        // Pass 3: the graph. Cycles are reported with their path.
-        let mut graph = DiGraph::new();
-        let nodes: HashMap<String, NodeIndex> = stages.iter().map(|s| (s.name.clone(), graph.add_node(s.name.clone()))).collect();
+        for s in &mut stages {
+            s.outputs = outputs_of.remove(s.name.as_str()).unwrap_or_default();
+        }
+
+        // Pass 3: the graph (node i is stage i). Cycles are reported with their path.
+        let mut graph = DiGraph::with_capacity(stages.len(), stages.len());
+        let nodes: HashMap<&str, NodeIndex> = stages.iter().map(|s| (s.name.as_str(), graph.add_node(s.name.clone()))).collect();
         for s in &stages {
             for r in s.inputs.values().flatten() {
-                if let Some(&from) = nodes.get(&r.stage) {
-                    graph.add_edge(from, nodes[&s.name], r.clone());
+                if let Some(&from) = nodes.get(r.stage.as_str()) {
+                    graph.add_edge(from, nodes[s.name.as_str()], r.clone());
                 }
             }
         }
+        drop(nodes);
         let order = match toposort(&graph, None) {
             Ok(order) => order,
             Err(_) => {
@@ -324,15 +339,24 @@ impl Pipeline {
         if !errors.is_empty() {
             return Err(mk(errors, &src));
         }
+        // It borrows `src`, which the pipeline takes over below.
+        drop(loc);
         let _ = order;
         let order = file_ordered_topo(&graph);
-        let mut by_name: HashMap<String, Stage> = stages.into_iter().map(|s| (s.name.clone(), s)).collect();
-        let stages: Vec<Stage> = order.iter().filter_map(|n| by_name.remove(&graph[*n])).collect();
+        let mut by_node: Vec<Option<Stage>> = stages.into_iter().map(Some).collect();
+        let (stages, nodes): (Vec<Stage>, Vec<NodeIndex>) = order.iter().filter_map(|n| by_node[n.index()].take().map(|s| (s, *n))).unzip();
         let index = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
         let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
-        Ok(Pipeline { file: file.to_path_buf(), dir, source: Arc::new(src), backend: parsed.backend, executor: parsed.executor, stages, graph, index })
+        Ok(Pipeline { file: file.to_path_buf(), dir, source: Arc::new(src), backend: parsed.backend, executor: parsed.executor, stages, graph, index, nodes })
     }
+}
+
+/// A filter keeping the first declaration of each stage name (a repeated one is an
+/// error reported in pass 1 and has no checked stage).
+fn first_of_each_name<'a, T>() -> impl FnMut(&&'a (String, T)) -> bool {
+    let mut once = std::collections::HashSet::new();
+    move |(n, _)| once.insert(n.as_str())
 }
 
 /// Topological order that keeps file order among independent stages (Kahn's algorithm
@@ -485,5 +509,79 @@ fn path_strings(v: &Value, ty: &ParamType) -> Option<Vec<String>> {
             Some(items.iter().filter_map(|i| if let Value::Str(s) = i { Some(s.clone()) } else { None }).collect())
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kind::{ArtifactType, ParamSpec, RunContext, StageError};
+
+    /// A step of a chain: one optional input, one output, one string parameter.
+    struct Step;
+    impl StageKind for Step {
+        fn name(&self) -> &'static str {
+            "step"
+        }
+        fn version(&self) -> u32 {
+            1
+        }
+        fn summary(&self) -> &'static str {
+            "a chain step"
+        }
+        fn params(&self) -> Vec<ParamSpec> {
+            vec![ParamSpec::required("v", ParamType::Str, "")]
+        }
+        fn inputs(&self) -> Vec<PortSpec> {
+            vec![PortSpec::one("prev", ArtifactType("t"), "").optional()]
+        }
+        fn outputs(&self, _: &Params) -> Vec<PortSpec> {
+            vec![PortSpec::one("out", ArtifactType("t"), "")]
+        }
+        fn run(&self, _: &RunContext) -> Result<(), StageError> {
+            Ok(())
+        }
+    }
+
+    fn chain(n: usize, bad: &[usize]) -> String {
+        let mut s = String::from("(\n    stages: {\n");
+        for i in 0..n {
+            let param = if bad.contains(&i) { "w" } else { "v" };
+            let input = if i == 0 { String::new() } else { format!("inputs: {{ \"prev\": \"s{}.out\" }}, ", i - 1) };
+            s.push_str(&format!("        \"s{i}\": (kind: \"step\", {input}params: {{ \"{param}\": \"x{i}\" }}),\n"));
+        }
+        s.push_str("    },\n)\n");
+        s
+    }
+
+    fn registry() -> Registry {
+        let mut r = Registry::new();
+        r.register(Step);
+        r
+    }
+
+    /// Loading a valid file never searches its text for names (that was quadratic in
+    /// the number of stages); a file with errors is indexed once, however many errors.
+    #[test]
+    fn loading_scans_the_text_only_to_report_errors_and_then_once() {
+        let r = registry();
+        let before = crate::diagnostic::text_scans();
+        let p = Pipeline::from_source(Path::new("chain.ron"), chain(3000, &[]), &r).expect("a valid chain");
+        assert_eq!(p.stages.len(), 3000);
+        assert_eq!(crate::diagnostic::text_scans(), before, "a valid pipeline must load without locating anything");
+        assert_eq!(p.downstream("s10"), vec!["s11"]);
+        assert!(p.downstream("s2999").is_empty());
+
+        let src = chain(3000, &[5, 1500, 2999]);
+        let before = crate::diagnostic::text_scans();
+        let errs = Pipeline::from_source(Path::new("chain.ron"), src.clone(), &r).err().expect("three bad stages");
+        assert_eq!(crate::diagnostic::text_scans(), before + 1, "one index of the text for all errors");
+        // Each unknown parameter and each missing one, at its own stage's line.
+        let lines = errs.lines();
+        assert_eq!(lines.len(), 6, "{lines:#?}");
+        for i in [5usize, 1500, 2999] {
+            let line = i + 3;
+            assert!(lines.iter().any(|l| l.starts_with(&format!("chain.ron:{line}:")) && l.contains(&format!("stage `s{i}`: unknown parameter `w`"))), "{lines:#?}");
+        }
     }
 }

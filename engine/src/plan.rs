@@ -278,46 +278,51 @@ pub struct Planned {
     pub status: Status,
     pub key: Option<Digest>,
     pub reasons: Vec<Reason>,
-    #[serde(skip)]
-    pub fingerprint: Fingerprint,
-    #[serde(skip)]
-    pub origins: BTreeMap<String, Vec<String>>,
     /// The last recorded run of this stage, if any.
     #[serde(skip)]
     pub previous: Option<(Digest, Recorded)>,
 }
 
-/// Plan every stage without running anything.
+/// Plan every stage without running anything. Linear in the pipeline: a stage's
+/// fingerprint is computed only when it decides something (its key, or the reasons
+/// against its last run), and is not kept once it has.
 pub fn plan(p: &Pipeline, store: &Store, sources: &Sources, backend: &str) -> Result<Vec<Planned>, CacheError> {
     let refs = read_refs(store, &p.file, false)?;
     let mut outputs: HashMap<String, BTreeMap<String, Digest>> = HashMap::new();
-    let mut status_of: HashMap<String, Status> = HashMap::new();
-    let mut out = Vec::new();
+    let mut status_of: HashMap<&str, Status> = HashMap::with_capacity(p.stages.len());
+    let mut out = Vec::with_capacity(p.stages.len());
     let empty = BTreeMap::new();
     for s in &p.stages {
-        let (fp, origins, complete) = fingerprint(s, sources.get(&s.name).unwrap_or(&empty), &outputs, backend);
+        let fingerprint = || fingerprint(s, sources.get(&s.name).unwrap_or(&empty), &outputs, backend);
         let previous = match refs.stages.get(&s.name) {
             Some(k) => store.get_entry(k)?.and_then(|e| serde_json::from_value::<Recorded>(e.fingerprint).ok().map(|r| (*k, r))),
             None => None,
         };
         let waiting: Vec<&str> = s.upstream().into_iter().filter(|u| status_of.get(*u) != Some(&Status::Fresh)).collect();
-        let planned = if !waiting.is_empty() || !complete {
-            let mut reasons: Vec<Reason> = waiting.iter().map(|u| Reason::Upstream { stage: u.to_string() }).collect();
-            if let Some((_, rec)) = &previous {
-                reasons.extend(diff(rec, &fp, &origins, false));
+        // Every upstream stage is fresh: the key is known unless an upstream entry
+        // lacks an output this stage reads.
+        let keyed = if waiting.is_empty() { Some(fingerprint()).filter(|(_, _, complete)| *complete) } else { None };
+        let planned = match keyed {
+            None => {
+                let mut reasons: Vec<Reason> = waiting.iter().map(|u| Reason::Upstream { stage: u.to_string() }).collect();
+                if let Some((_, rec)) = &previous {
+                    let (fp, origins, _) = fingerprint();
+                    reasons.extend(diff(rec, &fp, &origins, false));
+                }
+                Planned { name: s.name.clone(), status: Status::Pending, key: None, reasons, previous }
             }
-            Planned { name: s.name.clone(), status: Status::Pending, key: None, reasons, fingerprint: fp, origins, previous }
-        } else {
-            let key = fp.key();
-            if let Some(entry) = store.get_entry(&key)? {
-                outputs.insert(s.name.clone(), entry.outputs);
-                Planned { name: s.name.clone(), status: Status::Fresh, key: Some(key), reasons: vec![], fingerprint: fp, origins, previous }
-            } else {
-                let reasons = stale_reasons(&previous, &fp, &origins, key, refs.stages.get(&s.name));
-                Planned { name: s.name.clone(), status: Status::Stale, key: Some(key), reasons, fingerprint: fp, origins, previous }
+            Some((fp, origins, _)) => {
+                let key = fp.key();
+                if let Some(entry) = store.get_entry(&key)? {
+                    outputs.insert(s.name.clone(), entry.outputs);
+                    Planned { name: s.name.clone(), status: Status::Fresh, key: Some(key), reasons: vec![], previous }
+                } else {
+                    let reasons = stale_reasons(&previous, &fp, &origins, key, refs.stages.get(&s.name));
+                    Planned { name: s.name.clone(), status: Status::Stale, key: Some(key), reasons, previous }
+                }
             }
         };
-        status_of.insert(s.name.clone(), planned.status.clone());
+        status_of.insert(&s.name, planned.status.clone());
         out.push(planned);
     }
     Ok(out)

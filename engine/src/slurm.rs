@@ -229,24 +229,79 @@ pub struct JobLaunch {
 
 impl JobLaunch {
     pub fn log_path(&self, key: &Digest) -> PathBuf {
-        logs_dir(&self.cache).join(format!("{}.log", key.to_hex()))
+        log_file(&self.cache, key)
     }
 }
 
 /// Job logs and job ids live here, per key: `<key>.log` (what the job printed) and
-/// `<key>.job` (the Slurm job id of its last submission).
+/// `<key>.job` (the Slurm job id of its last submission, then its final state). The
+/// names are the cache's (`fgflow_cache::gc::LOGS_DIR`), so that `gc` cleans them.
 pub fn logs_dir(cache: &Path) -> PathBuf {
-    cache.join("logs")
+    cache.join(fgflow_cache::gc::LOGS_DIR)
+}
+
+/// `<cache>/logs/<key>.log`: everything the key's last job printed.
+pub fn log_file(cache: &Path, key: &Digest) -> PathBuf {
+    logs_dir(cache).join(format!("{}.log", key.to_hex()))
+}
+
+/// `<cache>/logs/<key>.job`: see [`JobRecord`].
+pub fn job_file(cache: &Path, key: &Digest) -> PathBuf {
+    logs_dir(cache).join(format!("{}.job", key.to_hex()))
+}
+
+/// What `<key>.job` records of the key's last job: its id (first line, written at
+/// submission) and, once it ended, its final state (`FAILED 3:0`: state, exit code
+/// and signal).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    pub id: u64,
+    pub state: Option<JobState>,
+}
+
+impl JobRecord {
+    fn text(&self) -> String {
+        match &self.state {
+            None => format!("{}\n", self.id),
+            Some(st) => format!("{}\n{}{}\n", self.id, st.state, st.exit.map(|(c, s)| format!(" {c}:{s}")).unwrap_or_default()),
+        }
+    }
+
+    fn parse(text: &str) -> Option<JobRecord> {
+        let mut lines = text.lines();
+        let id = lines.next()?.trim().parse().ok()?;
+        let state = lines.next().and_then(|l| {
+            let mut f = l.split_whitespace();
+            let state = f.next()?.to_string();
+            Some(JobState { state, exit: f.next().and_then(parse_exit) })
+        });
+        Some(JobRecord { id, state })
+    }
+
+    /// The record of `key`'s last job, if a job was submitted for it (never writes).
+    pub fn read(cache: &Path, key: &Digest) -> Option<JobRecord> {
+        let text = std::fs::read_to_string(job_file(cache, key)).ok()?;
+        JobRecord::parse(&text)
+    }
+}
+
+/// `FAILED (exit code 3)`, `CANCELLED (signal 9)`, `COMPLETED`: a state for people.
+pub fn state_text(st: &JobState) -> String {
+    match st.exit {
+        Some((c, 0)) if c != 0 => format!("{} (exit code {c})", st.state),
+        Some((_, s)) if s != 0 => format!("{} (signal {s})", st.state),
+        _ => st.state.clone(),
+    }
 }
 
 /// Per-key leases of the controllers submitting them: `<cache>/leases/<key>`.
 pub fn leases_dir(cache: &Path) -> PathBuf {
-    cache.join("leases")
+    cache.join(fgflow_cache::gc::LEASES_DIR)
 }
 
 /// A lease not touched for this long belongs to a controller that is gone. Live
 /// controllers touch theirs on every polling round (at most 15 s apart).
-pub const LEASE_STALE: Duration = Duration::from_secs(120);
+pub const LEASE_STALE: Duration = fgflow_cache::gc::LEASE_STALE;
 const LEASE_WAIT: Duration = Duration::from_secs(2);
 
 /// Take the key's lease: created with O_EXCL (atomic on NFS v3+ and local
@@ -406,36 +461,12 @@ const MAX_QUERY_ERRORS: u32 = 30;
 
 impl Watcher {
     fn accounting(&self) -> bool {
-        *self.accounting.get_or_init(|| {
-            // With accounting disabled sacct exits non-zero ("accounting storage is disabled").
-            Command::new("sacct").args(["-n", "-X", "-P", "-j", "1", "-o", "JobIDRaw"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
-        })
+        *self.accounting.get_or_init(accounting_available)
     }
 
     /// One query for all `ids`. `Err` when the scheduler could not be asked.
     fn query(&self, ids: &[u64]) -> Result<HashMap<u64, JobState>, String> {
-        let list = ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
-        let sacct = self.accounting();
-        let out = if sacct {
-            Command::new("sacct").args(["-n", "-X", "-P", "-o", "JobIDRaw,State,ExitCode", "-j", &list]).stdin(Stdio::null()).output()
-        } else {
-            Command::new("squeue").args(["-h", "-t", "all", "-o", "%i|%T|%r", "-j", &list]).stdin(Stdio::null()).output()
-        };
-        let out = out.map_err(|e| format!("could not run {}: {e}", if sacct { "sacct" } else { "squeue" }))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        // squeue fails when none of the ids is known yet (or any more): none listed.
-        if !out.status.success() && !stderr.contains("Invalid job id") {
-            return Err(stderr.trim().to_string());
-        }
-        let mut states = parse_states(&stdout, sacct);
-        // squeue has no exit code: ask scontrol for the few jobs that just failed.
-        for (id, st) in states.iter_mut() {
-            if st.exit.is_none() && is_final(&st.state) && st.state != "COMPLETED" {
-                st.exit = scontrol_exit(*id);
-            }
-        }
-        Ok(states)
+        query_states(ids, self.accounting())
     }
 
     fn add(&self, id: u64, lease: PathBuf) {
@@ -448,7 +479,7 @@ impl Watcher {
     }
 
     /// Block until job `id` reaches a final state; `on_state` hears each new state.
-    fn wait(&self, id: u64, on_state: &dyn Fn(&str)) -> Waited {
+    fn wait(&self, id: u64, on_state: &dyn Fn(&JobState)) -> Waited {
         let mut seen = String::new();
         let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -456,7 +487,7 @@ impl Watcher {
                 if let Some(st) = &w.state {
                     if st.state != seen {
                         seen = st.state.clone();
-                        on_state(&seen);
+                        on_state(st);
                     }
                     if is_final(&st.state) {
                         let st = st.clone();
@@ -515,6 +546,38 @@ impl Watcher {
             g = self.changed.wait_timeout(g, until.max(Duration::from_millis(10))).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
+}
+
+/// Whether `sacct` answers: with accounting disabled it exits non-zero ("accounting
+/// storage is disabled").
+fn accounting_available() -> bool {
+    Command::new("sacct").args(["-n", "-X", "-P", "-j", "1", "-o", "JobIDRaw"]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// One `sacct` (with accounting) or `squeue -t all` query for all `ids`. `Err` when the
+/// scheduler could not be asked.
+fn query_states(ids: &[u64], sacct: bool) -> Result<HashMap<u64, JobState>, String> {
+    let list = ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    let out = if sacct {
+        Command::new("sacct").args(["-n", "-X", "-P", "-o", "JobIDRaw,State,ExitCode", "-j", &list]).stdin(Stdio::null()).output()
+    } else {
+        Command::new("squeue").args(["-h", "-t", "all", "-o", "%i|%T|%r", "-j", &list]).stdin(Stdio::null()).output()
+    };
+    let out = out.map_err(|e| format!("could not run {}: {e}", if sacct { "sacct" } else { "squeue" }))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // squeue fails when none of the ids is known yet (or any more): none listed.
+    if !out.status.success() && !stderr.contains("Invalid job id") {
+        return Err(stderr.trim().to_string());
+    }
+    let mut states = parse_states(&stdout, sacct);
+    // squeue has no exit code: ask scontrol for the few jobs that just failed.
+    for (id, st) in states.iter_mut() {
+        if st.exit.is_none() && is_final(&st.state) && st.state != "COMPLETED" {
+            st.exit = scontrol_exit(*id);
+        }
+    }
+    Ok(states)
 }
 
 /// `scontrol show job -o ID` -> its `ExitCode=E:S`.
@@ -618,6 +681,43 @@ pub fn cancel_jobs_on_interrupt() {
             }
         }
     });
+}
+
+/// What `fgflow gc` needs to know of the leases in a cache: whether each one's job may
+/// still run (one scheduler query for all of them) and whether its holder is gone.
+pub struct LeaseProbe {
+    /// The scheduler's view of the jobs the leases name; `None` when it could not be
+    /// asked (then every lease naming a job may still be in use).
+    states: Option<HashMap<u64, JobState>>,
+}
+
+/// The job a lease names, once its holder submitted one.
+fn lease_job(path: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("job ")).and_then(|j| j.trim().parse().ok())
+}
+
+impl LeaseProbe {
+    /// Reads every lease under `<cache>/leases/` and asks the scheduler, once, about the
+    /// jobs they name (not at all when none names a job). Writes nothing.
+    pub fn scan(cache: &Path) -> LeaseProbe {
+        let ids: Vec<u64> = std::fs::read_dir(leases_dir(cache)).map(|rd| rd.flatten().filter_map(|e| lease_job(&e.path())).collect()).unwrap_or_default();
+        if ids.is_empty() {
+            return LeaseProbe { states: Some(HashMap::new()) };
+        }
+        LeaseProbe { states: query_states(&ids, accounting_available()).ok() }
+    }
+}
+
+impl fgflow_cache::gc::LeaseCheck for LeaseProbe {
+    fn job_may_run(&self, lease: &Path) -> bool {
+        let Some(id) = lease_job(lease) else { return false };
+        // A job the scheduler no longer lists ended long ago.
+        self.states.as_ref().is_none_or(|states| states.get(&id).is_some_and(|st| !is_final(&st.state)))
+    }
+    fn holder_gone(&self, lease: &Path) -> bool {
+        holder_is_gone(lease)
+    }
 }
 
 /// Runs each job through `sbatch` and waits for its entry.
@@ -733,18 +833,25 @@ impl Executor for SlurmExecutor {
             }
         };
         let _ = std::fs::write(&lease, lease_text(Some(id)));
-        let id_file = logs_dir(&self.launch.cache).join(format!("{}.job", key.to_hex()));
-        let _ = std::fs::write(&id_file, format!("{id}\n"));
-        obs.progress(&stage.name, 0, 1, &format!("slurm job {id} SUBMITTED"));
+        let id_file = job_file(&self.launch.cache, &key);
+        let _ = std::fs::write(&id_file, JobRecord { id, state: None }.text());
+        obs.job_state(&stage.name, id, "SUBMITTED", "");
         self.watcher.add(id, lease.clone());
-        let waited = self.watcher.wait(id, &|state| obs.progress(&stage.name, 0, 1, &format!("slurm job {id} {state}")));
+        let waited = self.watcher.wait(id, &|st| {
+            let detail = state_text(st);
+            obs.job_state(&stage.name, id, &st.state, detail.strip_prefix(st.state.as_str()).unwrap_or("").trim_start());
+        });
         IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-        // The job has ended: whatever it wrote is written.
-        let _ = std::fs::remove_file(&lease);
         let state = match &waited {
             Waited::Final(st) => Some(st.clone()),
             _ => None,
         };
+        // For `fgflow show`: how the key's last job ended.
+        if state.is_some() {
+            let _ = std::fs::write(&id_file, JobRecord { id, state: state.clone() }.text());
+        }
+        // The job has ended: whatever it wrote is written.
+        let _ = std::fs::remove_file(&lease);
         // The entry decides; on a shared filesystem it may show up a little after the
         // job is reported COMPLETED (attribute caching), so look again for a while.
         let patience = if state.as_ref().is_some_and(|s| s.state == "COMPLETED") { Duration::from_secs(30) } else { Duration::ZERO };
@@ -863,6 +970,44 @@ mod tests {
         let f = std::fs::OpenOptions::new().write(true).open(&lease).unwrap();
         f.set_modified(SystemTime::now() - LEASE_STALE - Duration::from_secs(1)).unwrap();
         assert!(take_lease(&lease).unwrap());
+    }
+
+    #[test]
+    fn the_job_file_records_id_then_final_state() {
+        let submitted = JobRecord { id: 42, state: None };
+        assert_eq!(submitted.text(), "42\n");
+        assert_eq!(JobRecord::parse(&submitted.text()), Some(submitted));
+        let ended = JobRecord { id: 42, state: Some(JobState { state: "FAILED".into(), exit: Some((3, 0)) }) };
+        assert_eq!(ended.text(), "42\nFAILED 3:0\n");
+        assert_eq!(JobRecord::parse(&ended.text()), Some(ended.clone()));
+        assert_eq!(state_text(ended.state.as_ref().unwrap()), "FAILED (exit code 3)");
+        assert_eq!(state_text(&JobState { state: "CANCELLED".into(), exit: Some((0, 15)) }), "CANCELLED (signal 15)");
+        assert_eq!(state_text(&JobState { state: "COMPLETED".into(), exit: Some((0, 0)) }), "COMPLETED");
+        assert_eq!(JobRecord::parse("garbage\n"), None);
+        assert_eq!(JobRecord::parse("7\n\n"), Some(JobRecord { id: 7, state: None }));
+    }
+
+    #[test]
+    fn gc_keeps_leases_of_live_holders_and_running_jobs() {
+        use fgflow_cache::gc::LeaseCheck;
+        let dir = tempfile::tempdir().unwrap();
+        let lease = dir.path().join("k");
+        std::fs::write(&lease, lease_text(None)).unwrap();
+        let unknown = LeaseProbe { states: None };
+        assert!(!unknown.holder_gone(&lease), "this process holds it");
+        assert!(!unknown.job_may_run(&lease), "no job submitted yet");
+        std::fs::write(&lease, lease_text(Some(9))).unwrap();
+        assert!(unknown.job_may_run(&lease), "a scheduler that cannot be asked may be running it");
+        let running = LeaseProbe { states: Some([(9, JobState { state: "RUNNING".into(), exit: None })].into()) };
+        assert!(running.job_may_run(&lease));
+        let ended = LeaseProbe { states: Some([(9, JobState { state: "COMPLETED".into(), exit: None })].into()) };
+        assert!(!ended.job_may_run(&lease));
+        assert!(!LeaseProbe { states: Some(HashMap::new()) }.job_may_run(&lease), "no longer listed: ended long ago");
+        let mut child = Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        std::fs::write(&lease, format!("job 9\nhost {}\npid {dead}\n", hostname())).unwrap();
+        assert!(ended.holder_gone(&lease));
     }
 
     #[test]

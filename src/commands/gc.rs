@@ -1,4 +1,5 @@
-//! `fgflow gc` and `fgflow verify`. `verify` gives the cache's checks the engine's
+//! `fgflow gc` (entries, blobs, temp files, and cluster jobs' logs and leases) and
+//! `fgflow verify`. `verify` gives the cache's checks the engine's
 //! knowledge: an entry's key is recomputed from its recorded fingerprint, and job and
 //! refs documents must have the engine's shape.
 
@@ -69,12 +70,18 @@ pub fn gc(app: &App, a: GcArgs) -> CliResult {
             app.store.remove_doc("refs", &name)?;
         }
     }
-    let r = fgflow_cache::gc(&app.store, &keep, grace, a.dry_run)?;
+    // Cluster jobs' leases: one scheduler query says which jobs may still run.
+    let leases = fgflow_engine::slurm::LeaseProbe::scan(app.store.root());
+    let r = fgflow_cache::gc::gc_with(&app.store, &keep, grace, a.dry_run, &leases)?;
     let verb = if a.dry_run { "would remove" } else { "removed" };
-    out(&format!(
-        "kept {} entries and {} blobs reachable from {pipelines} pipeline(s) or younger than {}; {verb} {} entries, {} blobs ({} bytes), {} temp files\n",
+    let mut s = format!(
+        "kept {} entries and {} blobs reachable from {pipelines} pipeline(s) or younger than {}; {verb} {} entries, {} blobs ({} bytes), {} temp files",
         r.entries_kept, r.blobs_kept, a.grace, r.entries_removed, r.blobs_removed, r.bytes_removed, r.temp_removed
-    ))?;
+    );
+    if r.logs_removed + r.leases_removed + r.leases_kept > 0 {
+        s.push_str(&format!(", {} job log files, {} leases ({} kept: held, or their job may still run)", r.logs_removed, r.leases_removed, r.leases_kept));
+    }
+    out(&format!("{s}\n"))?;
     Ok(ExitCode::SUCCESS)
 }
 

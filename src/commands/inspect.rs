@@ -1,10 +1,11 @@
-//! Inspecting the cache: `ls`, `show`, `export`, `diff`.
+//! Inspecting the cache: `ls`, `show` (with a cluster job's state and log tail from
+//! `<cache>/logs/`), `export`, `diff`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use fgflow_cache::{Digest, Entry};
-use fgflow_engine::{Recorded, Status};
+use fgflow_engine::{Recorded, Status, slurm};
 
 use crate::app::{App, CliError, CliResult, out};
 use crate::commands::status::plan;
@@ -64,24 +65,118 @@ fn date(unix: u64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", secs / 3600, secs % 3600 / 60)
 }
 
-/// A stage of the given (or last) pipeline, or a key prefix.
-fn resolve(app: &App, target: &str, pipeline: Option<PathBuf>) -> Result<Entry, CliError> {
+/// What a target names: the entry to show (the stage's current result, else its last
+/// one) and, when the stage's current key has no entry but a cluster job was submitted
+/// for it (it failed, was cancelled, or still runs), that key.
+struct Found {
+    entry: Option<Entry>,
+    attempt: Option<Digest>,
+}
+
+/// Whether a cluster job was ever submitted for `key` (its log or id is in the cache).
+fn has_job(app: &App, key: &Digest) -> bool {
+    let cache = app.store.root();
+    slurm::job_file(cache, key).exists() || slurm::log_file(cache, key).exists()
+}
+
+/// A stage of the given (or last) pipeline, or a key prefix (of an entry, else of a
+/// job in `<cache>/logs/`).
+fn find(app: &App, target: &str, pipeline: Option<PathBuf>) -> Result<Found, CliError> {
     if let Ok(file) = app.pipeline_or_last(pipeline.clone()) {
         if let Ok((_, planned)) = plan(app, &file, None) {
             if let Some(st) = planned.iter().find(|s| s.name == target) {
+                let attempt = st.key.filter(|k| st.status != Status::Fresh && has_job(app, k));
                 let key = match (st.status.clone(), st.key, &st.previous) {
-                    (Status::Fresh, Some(k), _) => k,
-                    (_, _, Some((k, _))) => *k,
-                    _ => return Err(CliError::Usage(format!("stage `{target}` has no result in the cache yet: run the pipeline first"))),
+                    (Status::Fresh, Some(k), _) => Some(k),
+                    (_, _, Some((k, _))) => Some(*k),
+                    _ => None,
                 };
-                return app.store.get_entry(&key)?.ok_or_else(|| CliError::Usage(format!("the entry of `{target}` is gone from the cache")));
+                let entry = match key {
+                    Some(k) => app.store.get_entry(&k)?,
+                    None => None,
+                };
+                if entry.is_none() && attempt.is_none() {
+                    return Err(CliError::Usage(match key {
+                        Some(_) => format!("the entry of `{target}` is gone from the cache"),
+                        None => format!("stage `{target}` has no result in the cache yet: run the pipeline first"),
+                    }));
+                }
+                return Ok(Found { entry, attempt });
             }
         } else if pipeline.is_some() {
             plan(app, &file, None)?;
         }
     }
-    let key = app.store.resolve_prefix(target).map_err(|e| CliError::Usage(format!("`{target}` is neither a stage of the pipeline nor a key: {e}")))?;
-    app.store.get_entry(&key)?.ok_or_else(|| CliError::Usage(format!("no entry {key}")))
+    let key = match app.store.resolve_prefix(target) {
+        Ok(key) => key,
+        Err(e) => match job_by_prefix(app, target) {
+            Some(key) => return Ok(Found { entry: None, attempt: Some(key) }),
+            None => return Err(CliError::Usage(format!("`{target}` is neither a stage of the pipeline nor a key: {e}"))),
+        },
+    };
+    let entry = app.store.get_entry(&key)?.ok_or_else(|| CliError::Usage(format!("no entry {key}")))?;
+    Ok(Found { entry: Some(entry), attempt: None })
+}
+
+/// The one key in `<cache>/logs/` whose job files start with `prefix` (a key from a
+/// failure message, which has no entry to resolve it by).
+fn job_by_prefix(app: &App, prefix: &str) -> Option<Digest> {
+    if prefix.len() < 4 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let rd = std::fs::read_dir(slurm::logs_dir(app.store.root())).ok()?;
+    let keys: Vec<Digest> = rd.flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".job")?.parse().ok()).filter(|k: &Digest| k.to_hex().starts_with(&prefix.to_ascii_lowercase())).collect();
+    (keys.len() == 1).then(|| keys[0])
+}
+
+/// A stage of the given (or last) pipeline, or a key prefix: its entry.
+fn resolve(app: &App, target: &str, pipeline: Option<PathBuf>) -> Result<Entry, CliError> {
+    let found = find(app, target, pipeline)?;
+    found.entry.ok_or_else(|| CliError::Usage(format!("`{target}` has no result in the cache: its last job did not write one (`fgflow show {target}` prints the job's log)")))
+}
+
+/// The lines of a job's log `show` prints.
+const JOB_LOG_LINES: usize = 40;
+
+/// The cluster job of `key` as `<cache>/logs/` records it: text for `show` and JSON.
+/// `has_result`: the key has an entry (then a failed job is an earlier attempt).
+fn job_section(app: &App, key: &Digest, has_result: bool) -> Option<(String, serde_json::Value)> {
+    if !has_job(app, key) {
+        return None;
+    }
+    let cache = app.store.root();
+    let record = slurm::JobRecord::read(cache, key);
+    let log = slurm::log_file(cache, key);
+    let tail = slurm::log_tail(&log, JOB_LOG_LINES);
+    // Absolute, to paste into `tail -f` from anywhere.
+    let log = std::path::absolute(&log).unwrap_or(log);
+    let mut s = match &record {
+        Some(r) => match &r.state {
+            Some(st) if has_result && st.state != "COMPLETED" => format!("job       slurm job {}: {} (an earlier attempt: the result was made by another run)\n", r.id, slurm::state_text(st)),
+            Some(st) => format!("job       slurm job {}: {}\n", r.id, slurm::state_text(st)),
+            None => format!("job       slurm job {} (no final state recorded: it still runs, or its run was interrupted)\n", r.id),
+        },
+        None => "job       (no job id recorded)\n".to_string(),
+    };
+    if log.exists() {
+        let n = tail.lines().count();
+        s.push_str(&format!("job log   {} (last {n} line(s))\n", crate::console::esc(&log.display().to_string())));
+        for l in tail.lines() {
+            s.push_str(&format!("  | {}\n", crate::console::shown(l, 4000)));
+        }
+    } else {
+        s.push_str(&format!("job log   {} (none yet)\n", crate::console::esc(&log.display().to_string())));
+    }
+    let json = serde_json::json!({
+        "key": key.to_hex(),
+        "id": record.as_ref().map(|r| r.id),
+        "state": record.as_ref().and_then(|r| r.state.as_ref()).map(|st| st.state.clone()),
+        "exit_code": record.as_ref().and_then(|r| r.state.as_ref()).and_then(|st| st.exit).map(|(c, _)| c),
+        "signal": record.as_ref().and_then(|r| r.state.as_ref()).and_then(|st| st.exit).map(|(_, sig)| sig),
+        "log_path": log.to_string_lossy(),
+        "log_tail": tail,
+    });
+    Some((s, json))
 }
 
 pub fn ls(app: &App, a: LsArgs) -> CliResult {
@@ -141,18 +236,46 @@ pub fn describe(app: &App, e: &Entry) -> Result<(String, serde_json::Map<String,
 }
 
 pub fn show(app: &App, a: ShowArgs) -> CliResult {
-    let e = resolve(app, &a.target, a.pipeline)?;
+    let found = find(app, &a.target, a.pipeline)?;
+    // The stage's current key, whose job did not write an entry: what the user asks
+    // `show` about after a failed cluster run.
+    let attempt = found.attempt.map(|k| (k, job_section(app, &k, false)));
+    let stage_of = |k: &Digest| fgflow_engine::Job::load(&app.store, k).ok().flatten().map(|j| j.stage).unwrap_or_else(|| a.target.clone());
+    let Some(e) = found.entry else {
+        let Some((k, job)) = attempt else { return Err(CliError::Usage(format!("`{}` has no result in the cache", a.target))) };
+        let (text, json) = job.unwrap_or_default();
+        if a.json {
+            let doc = serde_json::json!({ "entry": null, "summaries": {}, "log": "", "job": null, "attempt": json });
+            out(&format!("{}\n", serde_json::to_string_pretty(&doc).unwrap_or_default()))?;
+        } else {
+            out(&format!("stage     {}\nkey       {k}  (no result: its last job did not write one)\n{text}", crate::console::esc(&stage_of(&k))))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
     let (outputs, summaries) = describe(app, &e)?;
     let log = match e.log {
         Some(d) => String::from_utf8_lossy(&app.store.read_blob(&d)?).into_owned(),
         None => String::new(),
     };
+    let job = job_section(app, &e.key, true);
     if a.json {
-        let doc = serde_json::json!({ "entry": e, "summaries": summaries, "log": log });
+        let doc = serde_json::json!({
+            "entry": e,
+            "summaries": summaries,
+            "log": log,
+            "job": job.as_ref().map(|j| &j.1),
+            "attempt": attempt.as_ref().and_then(|(_, j)| j.as_ref().map(|j| &j.1)),
+        });
         out(&format!("{}\n", serde_json::to_string_pretty(&doc).unwrap_or_default()))?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut s = format!("key       {}\nstage     {}\nkind      {}\ncreated   {} (ran {} ms)\n", e.key, e.stage, e.kind, date(e.created_unix), e.duration_ms);
+    let mut s = String::new();
+    if let Some((k, j)) = &attempt {
+        s.push_str(&format!("stage     {}\nkey       {k}  (no result: its last job did not write one)\n", crate::console::esc(&e.stage)));
+        s.push_str(&j.as_ref().map(|j| j.0.clone()).unwrap_or_default());
+        s.push_str("\nlast result (an earlier key):\n");
+    }
+    s.push_str(&format!("key       {}\nstage     {}\nkind      {}\ncreated   {} (ran {} ms)\n", e.key, e.stage, e.kind, date(e.created_unix), e.duration_ms));
     if let Ok(rec) = serde_json::from_value::<Recorded>(e.fingerprint.clone()) {
         let fp = &rec.fingerprint;
         if let Some(b) = &fp.backend {
@@ -185,6 +308,9 @@ pub fn show(app: &App, a: ShowArgs) -> CliResult {
         for l in &lines[lines.len().saturating_sub(15)..] {
             s.push_str(&format!("  | {l}\n"));
         }
+    }
+    if let Some((text, _)) = &job {
+        s.push_str(&text);
     }
     out(&s)?;
     Ok(ExitCode::SUCCESS)

@@ -1,75 +1,188 @@
 //! Training throughput of one model on one backend, for `benches/train_speed/bench.py`
-//! (which alternates it with the same model in PyTorch). Batch 64, 28x28x1 images, 345
-//! classes (QuickDraw's), the real training loop (augmentation, AdamW, loss read back
-//! every step). Prints one JSON line: images/s of every epoch after the first (the first
-//! pays for first-touch allocations) and the process's peak resident memory.
+//! (which alternates it with the same model in PyTorch) and `benches/gpu/run.sh`. Batch
+//! 64, 28x28x1 images, 345 classes (QuickDraw's), the real training loop (augmentation,
+//! AdamW, loss read back every step). Prints one JSON line: images/s of every epoch after
+//! the first (the first pays for first-touch allocations and, on a GPU, kernel
+//! compilation) and the process's peak resident memory.
+//!
+//! `check BACKEND [DATA_DIR]` is the GPU machine's test of a backend, since test binaries
+//! do not travel there (see `benches/gpu/run.sh`): the same seeded CNN and ViT must give
+//! flex's logits within 1e-3 on real drawings, and a CNN trained on five classes must
+//! reach well above chance and about flex's accuracy; exit 1 otherwise.
 //!
 //! ```text
 //! RAYON_NUM_THREADS=2 cargo run --release -p fgflow-stages --example train_speed -- cnn flex 640 3
+//! cargo run --release -p fgflow-stages --features wgpu --example train_speed -- check wgpu
 //! ```
 
-use burn::backend::{Autodiff, Flex, NdArray};
-use fgflow_stages::ml::conv::TrainBackend;
+use burn::backend::{Autodiff, Flex};
+use fgflow_engine::StageError;
 use fgflow_stages::ml::augment::AugmentConfig;
+use fgflow_stages::ml::backend::{BackendJob, dispatch};
 use fgflow_stages::ml::cnn::CnnConfig;
+use fgflow_stages::ml::conv::TrainBackend;
 use fgflow_stages::ml::data::Images;
 use fgflow_stages::ml::head::HeadConfig;
 use fgflow_stages::ml::loss::LossConfig;
 use fgflow_stages::ml::model::{BackboneConfig, Classifier, MODEL_FORMAT, ModelConfig};
-use fgflow_stages::ml::train_loop::{EpochLog, Labelled, TrainConfig, TrainObserver, train};
+use fgflow_stages::ml::train_loop::{EpochLog, Labelled, TrainConfig, TrainObserver, accuracy, predict_logits, train};
 use fgflow_stages::ml::vit::{VitConfig, VitPool};
+use std::path::PathBuf;
 
 struct Rates(Vec<f64>);
 impl<B: burn::tensor::backend::Backend> TrainObserver<B> for Rates {
-    fn epoch(&mut self, log: &EpochLog, _: &Classifier<B>) -> Result<(), fgflow_engine::StageError> {
+    fn epoch(&mut self, log: &EpochLog, _: &Classifier<B>) -> Result<(), StageError> {
         self.0.push(log.images_per_sec);
         Ok(())
     }
 }
 
-/// The two benchmark models; `benches/train_speed/torch_train.py` builds the same ones.
-fn config(model: &str) -> Option<ModelConfig> {
-    let backbone = match model {
-        "cnn" => BackboneConfig::Cnn(CnnConfig { widths: vec![32, 64, 128], blocks: 2 }),
-        "vit" => BackboneConfig::Vit(VitConfig { patch: 4, dim: 128, depth: 4, heads: 4, mlp_ratio: 2.0, pool: VitPool::Mean }),
-        _ => return None,
-    };
-    Some(ModelConfig {
+/// The benchmark models; `benches/train_speed/torch_train.py` builds the same ones.
+fn backbone(model: &str) -> Option<BackboneConfig> {
+    match model {
+        "cnn" => Some(BackboneConfig::Cnn(CnnConfig { widths: vec![32, 64, 128], blocks: 2 })),
+        "vit" => Some(BackboneConfig::Vit(VitConfig { patch: 4, dim: 128, depth: 4, heads: 4, mlp_ratio: 2.0, pool: VitPool::Mean })),
+        _ => None,
+    }
+}
+
+fn config(backbone: BackboneConfig, classes: usize) -> ModelConfig {
+    ModelConfig {
         format: MODEL_FORMAT,
         backbone,
         head: HeadConfig::Linear,
         logit_adjust: None,
         loss: LossConfig::Ce,
-        classes: (0..345).map(|i| format!("c{i}")).collect(),
+        classes: (0..classes).map(|i| format!("c{i}")).collect(),
         height: 28,
         width: 28,
         channels: 1,
-        class_counts: vec![1; 345],
+        class_counts: vec![1; classes],
         epoch: 0,
-    })
+    }
 }
 
-fn rates<B: TrainBackend>(config: &ModelConfig, pixels: &[u8], labels: &[u32], epochs: usize) -> Vec<f64> {
-    let device = B::Device::default();
-    let model = config.init::<B>(0, &device);
-    let tc = TrainConfig {
+fn train_config(epochs: usize, lr: f64) -> TrainConfig {
+    TrainConfig {
         epochs,
         batch_size: 64,
-        lr: 1e-3,
+        lr,
         min_lr: 1e-5,
         weight_decay: 0.05,
         layer_decay: 1.0,
+        freeze_epochs: 0,
         warmup_epochs: 0.0,
         seed: 0,
         label_smoothing: 0.0,
         margin_x: 0.45,
         margin_y: 0.05,
         augment: AugmentConfig { shift: 2, flip: 0.5, erase: 0.25, randaugment_n: 0, randaugment_m: 0 },
-    };
-    let data = Labelled { images: Images::new(labels.len(), 28, 28, 1, pixels).expect("sizes match"), labels };
-    let mut r = Rates(Vec::new());
-    train::<B>(&device, model, config, &tc, data, None, &mut r).expect("training runs");
-    r.0
+    }
+}
+
+/// Images/s of every epoch of one training run.
+struct Speed<'a> {
+    config: &'a ModelConfig,
+    pixels: &'a [u8],
+    labels: &'a [u32],
+    epochs: usize,
+}
+
+impl BackendJob for Speed<'_> {
+    type Output = Vec<f64>;
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<Vec<f64>, StageError> {
+        let model = self.config.init::<B>(0, &device);
+        let images = Images::new(self.labels.len(), 28, 28, 1, self.pixels).map_err(StageError::failed)?;
+        let mut r = Rates(Vec::new());
+        train::<B>(&device, model, self.config, &train_config(self.epochs, 1e-3), Labelled { images, labels: self.labels }, None, &mut r)?;
+        Ok(r.0)
+    }
+}
+
+/// Drawings of the given rows (classes) of `data/quickdraw/quickdraw.png`: the first
+/// `train` of each row for training, the next `test` for testing.
+struct Drawings {
+    train: (Vec<u8>, Vec<u32>),
+    test: (Vec<u8>, Vec<u32>),
+}
+
+fn drawings(dir: &std::path::Path, rows: &[u32], train: usize, test: usize) -> Result<Drawings, String> {
+    let path = dir.join("quickdraw.png");
+    let img = image::open(&path).map_err(|e| format!("{}: {e}", path.display()))?.into_luma8();
+    let mut d = Drawings { train: (Vec::new(), Vec::new()), test: (Vec::new(), Vec::new()) };
+    for (label, &row) in rows.iter().enumerate() {
+        for j in 0..train + test {
+            let set = if j < train { &mut d.train } else { &mut d.test };
+            for y in 0..28u32 {
+                for x in 0..28u32 {
+                    let p = img.get_pixel_checked(j as u32 * 28 + x, row * 28 + y).ok_or_else(|| format!("{}: smaller than expected", path.display()))?;
+                    set.0.push(p.0[0]);
+                }
+            }
+            set.1.push(label as u32);
+        }
+    }
+    Ok(d)
+}
+
+/// What `check` measures on one backend: logits of seeded models, and a trained CNN's
+/// accuracy.
+struct Check<'a> {
+    configs: &'a [ModelConfig],
+    data: &'a Drawings,
+    epochs: usize,
+}
+
+struct Checked {
+    logits: Vec<Vec<f32>>,
+    accuracy: f64,
+}
+
+impl BackendJob for Check<'_> {
+    type Output = Checked;
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<Checked, StageError> {
+        let (tp, tl) = &self.data.test;
+        let test = Images::new(tl.len(), 28, 28, 1, tp).map_err(StageError::failed)?;
+        let mut logits = Vec::new();
+        for c in self.configs {
+            logits.push(predict_logits(&c.init::<B::InnerBackend>(3, &device), test, 32, true)?);
+        }
+        let cnn = &self.configs[0];
+        let (p, l) = &self.data.train;
+        let train_set = Labelled { images: Images::new(l.len(), 28, 28, 1, p).map_err(StageError::failed)?, labels: l };
+        // stages/tests/ml.rs's settings for this set (`quick_train_config`).
+        let mut tc = train_config(self.epochs, 3e-3);
+        tc.batch_size = 32;
+        tc.warmup_epochs = 0.5;
+        tc.augment.erase = 0.0;
+        let trained = train::<B>(&device, cnn.init::<B>(0, &device), cnn, &tc, train_set, None, &mut Rates(Vec::new()))?;
+        let accuracy = accuracy(&trained, cnn, Labelled { images: test, labels: tl }, 64)?;
+        Ok(Checked { logits, accuracy })
+    }
+}
+
+fn check(backend: &str, data_dir: PathBuf) -> Result<String, String> {
+    // The first five classes of stages/tests/ml.rs's `TEN`, as its wgpu test uses.
+    let data = drawings(&data_dir, &[4, 20, 40, 60, 80], 40, 20)?;
+    let cnn = config(BackboneConfig::Cnn(CnnConfig { widths: vec![8, 16], blocks: 1 }), 5);
+    let vit = config(BackboneConfig::Vit(VitConfig { patch: 7, dim: 32, depth: 1, heads: 2, mlp_ratio: 2.0, pool: VitPool::Mean }), 5);
+    let configs = [cnn, vit];
+    let job = |epochs| Check { configs: &configs, data: &data, epochs };
+    let reference = dispatch("flex", job(6)).map_err(|e| e.to_string())?;
+    let got = dispatch(backend, job(6)).map_err(|e| e.to_string())?;
+    let mut report = Vec::new();
+    let mut failed = false;
+    for ((name, a), b) in ["cnn", "vit"].iter().zip(&reference.logits).zip(&got.logits) {
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        failed |= worst >= 1e-3 || a.len() != b.len();
+        report.push(format!("{name} logits: max |{backend} - flex| = {worst:.2e} (tolerance 1e-3)"));
+    }
+    let (acc, flex_acc) = (got.accuracy, reference.accuracy);
+    // Kernels sum in other orders, so training drifts apart: same level, not same bits.
+    failed |= acc <= 0.35 || (acc - flex_acc).abs() > 0.15;
+    report.push(format!("cnn trained 6 epochs on 5 classes: accuracy {acc:.3} on {backend}, {flex_acc:.3} on flex (chance 0.2; need > 0.35 and within 0.15)"));
+    let text = report.join("\n");
+    if failed { Err(text) } else { Ok(text) }
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in MiB.
@@ -84,12 +197,24 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let model = args.first().map(String::as_str).unwrap_or("cnn");
     let backend = args.get(1).map(String::as_str).unwrap_or("flex");
+    if model == "check" {
+        let dir = args.get(2).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/quickdraw"));
+        match check(backend, dir) {
+            Ok(report) => println!("{report}\ncheck {backend}: ok"),
+            Err(report) => {
+                println!("{report}\ncheck {backend}: FAILED");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     let n: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(640);
     let epochs: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(3).max(2);
-    let Some(cfg) = config(model) else {
-        eprintln!("unknown model {model:?} (cnn, vit)");
+    let Some(backbone) = backbone(model) else {
+        eprintln!("unknown model {model:?} (cnn, vit, or `check BACKEND`)");
         std::process::exit(2);
     };
+    let cfg = config(backbone, 345);
     // Sparse strokes, like drawings; the same bytes as torch_train.py's generator.
     let mut s = 7u64;
     let pixels: Vec<u8> = (0..n * 784)
@@ -99,15 +224,14 @@ fn main() {
         })
         .collect();
     let labels: Vec<u32> = (0..n as u32).map(|i| i % 345).collect();
-    let all = match backend {
-        "flex" => rates::<Autodiff<Flex>>(&cfg, &pixels, &labels, epochs),
-        "ndarray" => rates::<Autodiff<NdArray>>(&cfg, &pixels, &labels, epochs),
-        _ => {
-            eprintln!("unknown backend {backend:?} (flex, ndarray)");
-            std::process::exit(2);
+    let all = match dispatch(backend, Speed { config: &cfg, pixels: &pixels, labels: &labels, epochs }) {
+        Ok(all) => all,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
         }
     };
-    let params = burn::module::Module::num_params(&cfg.init::<Flex>(0, &Default::default()));
+    let params = burn::module::Module::num_params(&cfg.init::<Autodiff<Flex>>(0, &Default::default()));
     let rates: Vec<String> = all[1..].iter().map(|r| format!("{r:.2}")).collect();
     println!(
         "{{\"impl\": \"burn-{backend}\", \"model\": \"{model}\", \"params\": {params}, \"images_per_sec\": [{}], \"peak_rss_mib\": {:.1}}}",

@@ -148,7 +148,7 @@ fn measure_training_speed_by_resolution() {
     let dir = t.path().join("train");
     std::fs::create_dir_all(&dir).unwrap();
     fgflow_stages::artifact::write_labelled_set(&dir, &train).unwrap();
-    for res in [32, 64, 96, 128] {
+    for res in [32, 48, 64, 96] {
         let params = pretrained_params(res, &weights()).with("batch_size", Value::Int(32));
         let log = support::run_kind("train", params, &[("train", vec![dir.clone()])], &[("pretrained", &weights())], &t.path().join(format!("out{res}"))).unwrap();
         eprintln!("resolution {res}: {}", log.lines().find(|l| l.starts_with("epoch")).unwrap_or("?"));
@@ -185,6 +185,20 @@ fn measure_convolution_costs() {
         let g = y.sum().backward();
         let _ = x.grad(&g).unwrap().sum().into_scalar();
         eprintln!("{label}: input gradient only {:?}", start.elapsed());
+        if groups > 1 {
+            // ml::conv's depthwise op, TF "SAME" padding of a stride-1 layer.
+            let wd = Tensor::<AD, 4>::from_data(w.clone().inner().into_data(), &d).require_grad();
+            let p = k / 2;
+            let start = std::time::Instant::now();
+            let y = fgflow_stages::ml::conv::depthwise(x.clone(), wd.clone(), 1, [p, p, p, p]);
+            let _ = y.clone().sum().into_scalar();
+            let fwd = start.elapsed();
+            let start = std::time::Instant::now();
+            let g = y.sum().backward();
+            let _ = wd.grad(&g).unwrap().sum().into_scalar();
+            let _ = x.grad(&g).unwrap().sum().into_scalar();
+            eprintln!("{label} (ml::conv::depthwise): forward {:?}, backward (both gradients) {:?}", fwd, start.elapsed());
+        }
         if k == 1 {
             let start = std::time::Instant::now();
             let y = fgflow_stages::ml::efficientnet::pointwise(x.clone(), w.clone());

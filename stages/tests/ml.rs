@@ -255,6 +255,7 @@ fn quick_train_config(epochs: usize, seed: u64) -> TrainConfig {
         min_lr: 1e-5,
         weight_decay: 0.05,
         layer_decay: 1.0,
+        freeze_epochs: 0,
         warmup_epochs: 0.5,
         seed,
         label_smoothing: 0.0,
@@ -493,7 +494,12 @@ fn layer_wise_lr_decay_scales_vit_layers_and_is_off_at_one() {
     assert_eq!(scales[&vit.blocks[1].attn.query.weight.id], 0.5);
     assert_eq!(scales[&vit.norm.gamma.id], 1.0);
     assert!(GroupedAdamW::<AD, _>::new(&model, 0.05, 1.0).lr_scales().values().all(|&s| s == 1.0));
-    // The CNN has no layers to decay.
+    // The CNN decays per conv block (one block here: 0.5, its head 1).
     let cnn = cnn_config(3, vec![8], 1).init::<AD>(0, &dev());
-    assert!(GroupedAdamW::<AD, _>::new(&cnn, 0.05, 0.5).lr_scales().values().all(|&s| s == 1.0));
+    let Backbone::Cnn(net) = &cnn.backbone else { unreachable!() };
+    let scales = GroupedAdamW::<AD, _>::new(&cnn, 0.05, 0.5).lr_scales();
+    assert_eq!(scales[&net.stages[0].blocks[0].conv.weight.id], 0.5);
+    // Conv weight, BatchNorm gamma, beta (and its running statistics, which take no step).
+    assert_eq!(scales.values().filter(|&&s| s == 0.5).count(), 5);
+    assert_eq!(scales.values().filter(|&&s| s == 1.0).count(), scales.len() - 5);
 }

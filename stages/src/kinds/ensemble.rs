@@ -154,6 +154,11 @@ impl StageKind for Ensemble {
     fn version(&self) -> u32 {
         1
     }
+    /// Cheap (a weighted mean of prediction files): under a cluster executor it runs in the controlling
+    /// process rather than waiting in a queue.
+    fn local_by_default(&self) -> bool {
+        true
+    }
     fn summary(&self) -> &'static str {
         "adaptive ensemble: weights w_i = (acc_i / min acc)^f from validation accuracy, weighted mean of probabilities (or logits)"
     }

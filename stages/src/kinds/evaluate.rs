@@ -37,6 +37,11 @@ impl StageKind for Evaluate {
     fn version(&self) -> u32 {
         1
     }
+    /// Cheap (a pass over predictions and labels): under a cluster executor it runs in the controlling
+    /// process rather than waiting in a queue.
+    fn local_by_default(&self) -> bool {
+        true
+    }
     fn summary(&self) -> &'static str {
         "top-1 / top-5 / per-class / head-middle-tail accuracy of predictions against the truth"
     }

@@ -128,6 +128,11 @@ impl StageKind for PseudoLabel {
     fn version(&self) -> u32 {
         1
     }
+    /// Cheap (a threshold over predictions, appended to a set): under a cluster executor it runs in the controlling
+    /// process rather than waiting in a queue.
+    fn local_by_default(&self) -> bool {
+        true
+    }
     fn summary(&self) -> &'static str {
         "adds the unlabelled images whose top probability exceeds a threshold, labelled by argmax, to the training set"
     }

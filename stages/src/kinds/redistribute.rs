@@ -267,6 +267,11 @@ impl StageKind for Redistribute {
     fn version(&self) -> u32 {
         1
     }
+    /// Cheap (an assignment over one prediction matrix): under a cluster executor it runs in the controlling
+    /// process rather than waiting in a queue.
+    fn local_by_default(&self) -> bool {
+        true
+    }
     fn summary(&self) -> &'static str {
         "label re-distribution for a balanced test set: every class gets at least K predictions (the seed's greedy, or an exact balanced assignment)"
     }

@@ -74,6 +74,11 @@ impl StageKind for Report {
     fn version(&self) -> u32 {
         1
     }
+    /// Cheap (a table of metrics files): under a cluster executor it runs in the controlling
+    /// process rather than waiting in a queue.
+    fn local_by_default(&self) -> bool {
+        true
+    }
     fn summary(&self) -> &'static str {
         "a table of several evaluations (the ablation table), one row per metrics input"
     }

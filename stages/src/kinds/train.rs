@@ -26,6 +26,7 @@ use crate::ml::loss::{EqlIndicator, LossConfig};
 use crate::ml::model::{AdjustMode, BackboneConfig, Classifier, LogitAdjust, MODEL_FORMAT, ModelConfig};
 use crate::ml::predictions::write_json;
 use crate::ml::train_loop::{self, EpochLog, Labelled, TrainConfig, TrainObserver};
+use crate::ml::swinv2::SwinV2Config;
 use crate::ml::vit::{VitConfig, VitPool};
 use crate::types;
 
@@ -91,6 +92,7 @@ pub(crate) fn vit_config(p: &Params) -> Result<VitConfig, StageError> {
         mlp_ratio: p.float("vit_mlp_ratio")?,
         pool: match p.str("vit_pool")? {
             "cls" => VitPool::Cls,
+            "avg" => VitPool::Avg,
             _ => VitPool::Mean,
         },
     };
@@ -108,6 +110,57 @@ pub(crate) fn vit_config(p: &Params) -> Result<VitConfig, StageError> {
     Ok(v)
 }
 
+/// Swin-V2's sizes: the `swin_preset`, each `swin_*` size that is set (0 or [])
+/// replacing the preset's.
+fn swin_config(p: &Params) -> Result<SwinV2Config, StageError> {
+    let preset = p.str("swin_preset")?;
+    let mut c = SwinV2Config::preset(preset).ok_or_else(|| param_err("swin_preset", format!("unknown preset `{preset}`")))?;
+    let sizes = |name: &str| -> Result<Vec<usize>, StageError> {
+        let v = p.ints(name)?;
+        if v.iter().any(|&x| x <= 0) {
+            return Err(param_err(name, "sizes must be positive"));
+        }
+        Ok(v.into_iter().map(|x| x as usize).collect())
+    };
+    for (name, field) in [("swin_resolution", &mut c.resolution), ("swin_patch", &mut c.patch), ("swin_embed_dim", &mut c.embed_dim)] {
+        let v = p.usize(name)?;
+        if v > 0 {
+            *field = v;
+        }
+    }
+    for (name, field) in [("swin_depths", &mut c.depths), ("swin_heads", &mut c.heads)] {
+        let v = sizes(name)?;
+        if !v.is_empty() {
+            *field = v;
+        }
+    }
+    let stages = c.depths.len();
+    // One window for every stage, or one per stage.
+    for (name, field) in [("swin_window", &mut c.window), ("swin_pretrained_window", &mut c.pretrained_window)] {
+        let v = p.ints(name)?;
+        if v.iter().any(|&x| x < 0) {
+            return Err(param_err(name, "window sizes cannot be negative"));
+        }
+        match v.len() {
+            0 => {}
+            1 => *field = vec![v[0] as usize; stages],
+            _ => *field = v.into_iter().map(|x| x as usize).collect(),
+        }
+    }
+    if c.pretrained_window.len() != stages && p.ints("swin_pretrained_window")?.is_empty() {
+        c.pretrained_window = vec![0; stages];
+    }
+    if c.window.len() != stages && p.ints("swin_window")?.is_empty() {
+        c.window = vec![c.window.first().copied().unwrap_or(7); stages];
+    }
+    let ratio = p.float("swin_mlp_ratio")?;
+    if ratio != 0.0 {
+        c.mlp_ratio = ratio;
+    }
+    c.check(3).map_err(|e| param_err("swin_preset", e))?;
+    Ok(c)
+}
+
 /// The `vit_*` parameter specs (shared with `pretrain`).
 pub(crate) fn vit_params() -> Vec<ParamSpec> {
     use ParamType::*;
@@ -117,7 +170,7 @@ pub(crate) fn vit_params() -> Vec<ParamSpec> {
         ParamSpec::optional("vit_depth", Int, 4, "ViT: transformer blocks"),
         ParamSpec::optional("vit_heads", Int, 4, "ViT: attention heads (must divide vit_dim)"),
         ParamSpec::optional("vit_mlp_ratio", Float, 2.0, "ViT: MLP hidden size / vit_dim"),
-        ParamSpec::optional("vit_pool", Enum(&["mean", "cls"]), "mean", "ViT: feature = mean of the patch tokens, or the class token"),
+        ParamSpec::optional("vit_pool", Enum(&["mean", "cls", "avg"]), "mean", "ViT: feature = mean of the patch tokens after the final norm, the class token, or timm's `avg` (mean straight from the blocks, then `fc_norm`)"),
     ]
 }
 
@@ -135,6 +188,7 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
             BackboneConfig::Cnn(CnnConfig { widths: widths.iter().map(|&w| w as usize).collect(), blocks })
         }
         "vit" => BackboneConfig::Vit(vit_config(p)?),
+        "swinv2" => BackboneConfig::Swinv2(swin_config(p)?),
         "efficientnet_lite" => {
             let variant = p.str("effnet_variant")?;
             let variant = LiteVariant::parse(variant).ok_or_else(|| param_err("effnet_variant", format!("unknown variant `{variant}`")))?;
@@ -191,6 +245,7 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
         min_lr: p.float("min_lr")?,
         weight_decay: p.float("weight_decay")?,
         layer_decay: p.float("layer_decay")?,
+        freeze_epochs: p.usize("freeze_epochs")?,
         warmup_epochs: p.float("warmup_epochs")?,
         seed: p.int("seed")? as u64,
         label_smoothing: p.float("label_smoothing")?,
@@ -223,14 +278,16 @@ impl StageKind for Train {
         // 2: empty classes no longer get a ln(1e-12) logit adjustment.
         // 3: `vit_pool` (mean of the patch tokens by default; was the class token); the
         //    conv weight gradient, BatchNorm/LayerNorm and attention of `ml::conv`/`norm`/`vit`.
-        3
+        // 4: `layer_decay` on CNN and EfficientNet blocks too; `freeze_epochs`; EfficientNet's
+        //    depthwise convolution of `ml::conv`.
+        4
     }
     fn summary(&self) -> &'static str {
         "train a CNN, ViT or EfficientNet-Lite classifier (linear / logit-adjusted / sub-centre ArcFace head; CE / EQL / balanced softmax)"
     }
     fn params(&self) -> Vec<ParamSpec> {
         use ParamType::*;
-        const BACKBONES: &[&str] = &["cnn", "vit", "efficientnet_lite"];
+        const BACKBONES: &[&str] = &["cnn", "vit", "efficientnet_lite", "swinv2"];
         const HEADS: &[&str] = &["linear", "logit_adjusted", "arcface"];
         const LOSSES: &[&str] = &["ce", "eql", "balanced_softmax"];
         let mut specs = vec![
@@ -254,7 +311,8 @@ impl StageKind for Train {
             ParamSpec::optional("lr", Float, 1e-3, "peak learning rate (AdamW)"),
             ParamSpec::optional("min_lr", Float, 1e-5, "learning rate at the end of the cosine"),
             ParamSpec::optional("weight_decay", Float, 0.05, "AdamW weight decay (not on norms, biases, position embeddings)"),
-            ParamSpec::optional("layer_decay", Float, 1.0, "ViT: layer-wise lr decay (block i of L gets lr*d^(L-i), embeddings d^(L+1); 1 = off; no effect on the CNN)"),
+            ParamSpec::optional("layer_decay", Float, 1.0, "layer-wise lr decay per block: block i of L gets lr*d^(L+1-i), the stem/embeddings d^(L+1), head and after the blocks lr (CNN: each conv block; 1 = off)"),
+            ParamSpec::optional("freeze_epochs", Int, 0, "freeze the backbone's stem for this many epochs (EfficientNet: stem + first stage; CNN: first stage; ViT: embeddings); its BatchNorm statistics still update"),
             ParamSpec::optional("warmup_epochs", Float, 1.0, "linear warm-up length in epochs (fractions allowed)"),
             ParamSpec::optional("seed", Int, 0, "weights, shuffling and augmentation"),
             ParamSpec::optional("aug_shift", Int, 2, "random shift: pad by this many pixels and crop back (0 = off)"),
@@ -265,6 +323,15 @@ impl StageKind for Train {
             ParamSpec::optional("keep_checkpoints", Int, 5, "how many last-epoch checkpoints to keep (for soups)"),
             ParamSpec::optional("effnet_variant", Enum(&["lite0", "lite1", "lite2"]), "lite0", "EfficientNet-Lite: widths and depths of Lite0, Lite1 or Lite2"),
             ParamSpec::optional("effnet_resolution", Int, 64, "EfficientNet-Lite: images are resized (bilinear) to this square size; grayscale is replicated to 3 channels"),
+            ParamSpec::optional("swin_preset", Enum(&["tiny", "base", "large"]), "tiny", "Swin-V2: sizes of `tiny` (32 px, CPU-sized) or the seed's `base`/`large` (timm swinv2_*_window12to24_192to384); the swin_* sizes below replace the preset's where set"),
+            ParamSpec::optional("swin_resolution", Int, 0, "Swin-V2: images are resized (bilinear) to this square size, gray replicated to RGB (0 = the preset's)"),
+            ParamSpec::optional("swin_patch", Int, 0, "Swin-V2: patch size (0 = the preset's)"),
+            ParamSpec::optional("swin_embed_dim", Int, 0, "Swin-V2: width of the first stage, doubled at each later one (0 = the preset's)"),
+            ParamSpec::optional("swin_depths", List(&Int), Value::List(vec![]), "Swin-V2: blocks per stage ([] = the preset's)"),
+            ParamSpec::optional("swin_heads", List(&Int), Value::List(vec![]), "Swin-V2: attention heads per stage ([] = the preset's)"),
+            ParamSpec::optional("swin_window", List(&Int), Value::List(vec![]), "Swin-V2: window size, one for all stages or one per stage ([] = the preset's)"),
+            ParamSpec::optional("swin_pretrained_window", List(&Int), Value::List(vec![]), "Swin-V2: the checkpoint's window per stage, to fine-tune at another window (0 = none; [] = the preset's)"),
+            ParamSpec::optional("swin_mlp_ratio", Float, 0.0, "Swin-V2: MLP hidden size / width (0 = the preset's)"),
             ParamSpec::optional(
                 "pretrained",
                 List(&Path),
@@ -473,6 +540,10 @@ pub(crate) fn describe_model(c: &ModelConfig) -> String {
         BackboneConfig::Cnn(b) => format!("CNN widths {:?} x{} blocks", b.widths, b.blocks),
         BackboneConfig::Vit(v) => format!("ViT patch {} dim {} depth {} heads {} mlp {}", v.patch, v.dim, v.depth, v.heads, v.mlp_ratio),
         BackboneConfig::EfficientnetLite(e) => format!("EfficientNet-{:?} at {}x{}", e.variant, e.resolution, e.resolution),
+        BackboneConfig::Swinv2(w) => format!(
+            "Swin-V2 embed {} depths {:?} heads {:?} window {:?} patch {} at {}x{}",
+            w.embed_dim, w.depths, w.heads, w.window, w.patch, w.resolution, w.resolution
+        ),
     };
     let head = match (&c.head, c.logit_adjust) {
         (HeadConfig::ArcFace { k, s }, _) => format!("sub-centre ArcFace k={k} s={s}"),

@@ -19,12 +19,17 @@
 //! classifier in that file (`classifier.*`) has no place here: the recipe's head
 //! replaces it.
 //!
-//! Speed on flex (2 cores, batch 32, idle machine): fine-tuning Lite0 trains at about
-//! 24 images/s at 32x32, 12 at 64, 7 at 96 and 4 at 128
-//! (`measure_training_speed_by_resolution` in tests/efficientnet.rs), against about
-//! 240 for the default CNN. The 1x1 convolutions run as matrix products
-//! ([`pointwise`]); what remains slow is burn's depthwise convolution backward on
-//! flex, whose input gradient alone costs about 10x the forward pass.
+//! Speed on flex (2 cores, batch 32). The depthwise convolutions are `conv::depthwise`,
+//! an op with its own CPU forward and gradients: for [32, 96, 32, 32] 3x3 (same run,
+//! machine loaded by parallel builds, load average 7) burn's grouped conv2d took 22 ms
+//! forward + 360 ms backward (282 ms of it the input gradient), the op 39 ms forward +
+//! 143 ms backward for both gradients, 2.1x less in all (`measure_convolution_costs`
+//! in tests/efficientnet.rs). The 1x1 convolutions run as matrix products
+//! ([`pointwise`]). Fine-tuning Lite0 from the committed weights then trained at 13
+//! images/s at 32x32, 10 at 48, 7 at 64 and 5 at 96 (`measure_training_speed_by_resolution`,
+//! one epoch of 192 images, under that same load; before the op, on an idle machine:
+//! 24 at 32, 12 at 64, 7 at 96, 4 at 128); the default CNN trains at about 240. Those
+//! two sets of figures are not comparable: re-measure on an idle machine.
 
 use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::tensor::backend::Backend;
@@ -35,6 +40,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::conv::{self, ConvBackend};
 use super::norm::BatchNorm2d;
 
 /// BatchNorm epsilon of the TensorFlow weights.
@@ -45,6 +51,10 @@ const FEATURES: usize = 1280;
 /// (expansion, kernel, stride, output channels, repeats) of each stage of Lite0.
 const STAGES: [(usize, usize, usize, usize, usize); 7] =
     [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)];
+
+/// Blocks of the first stage, in every variant (its depth is not scaled): with the stem,
+/// what `freeze_epochs` freezes (`optim::stem_params`).
+pub const FIRST_STAGE_BLOCKS: usize = STAGES[0].4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -182,14 +192,20 @@ impl<B: Backend> ConvBn<B> {
         }
     }
 
+}
+
+impl<B: ConvBackend> ConvBn<B> {
     /// Convolution, BatchNorm, then ReLU6 when `act`.
     fn forward(&self, x: Tensor<B, 4>, act: bool) -> Tensor<B, 4> {
         let [_, _, h, w] = x.dims();
         let k = self.weight.dims()[2];
         let (top, bottom) = same_padding(h, k, self.stride);
         let (left, right) = same_padding(w, k, self.stride);
+        let depthwise = self.groups > 1 && self.groups == self.weight.dims()[0] && self.weight.dims()[1] == 1;
         let y = if k == 1 && self.stride == 1 && self.groups == 1 {
             pointwise(x, self.weight.val())
+        } else if depthwise {
+            conv::depthwise(x, self.weight.val(), self.stride, [top, bottom, left, right])
         } else {
             let (x, pad) = if top == bottom && left == right {
                 (x, [top, left])
@@ -206,8 +222,8 @@ impl<B: Backend> ConvBn<B> {
 /// A 1x1 convolution as a batched matrix product: [O, C] @ [N][C, H*W]; its weight
 /// gradient is a matrix product too. burn's conv2d computes its weight gradient as a
 /// convolution: on flex 10x its forward, and 2-4x this (`measure_convolution_costs` in
-/// tests/efficientnet.rs). Depthwise convolutions keep burn's grouped conv2d: k*k
-/// strided slices were slower still, in the forward pass.
+/// tests/efficientnet.rs). Depthwise convolutions are `conv::depthwise`, an op of
+/// their own with hand-written CPU kernels.
 pub fn pointwise<B: Backend>(x: Tensor<B, 4>, weight: Tensor<B, 4>) -> Tensor<B, 4> {
     let [n, c, h, w] = x.dims();
     let o = weight.dims()[0];
@@ -235,7 +251,7 @@ pub struct MbConv<B: Backend> {
     pub residual: bool,
 }
 
-impl<B: Backend> MbConv<B> {
+impl<B: ConvBackend> MbConv<B> {
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let h = match &self.expand {
             Some(e) => e.forward(x.clone(), true),
@@ -255,7 +271,7 @@ pub struct EfficientNet<B: Backend> {
     pub resolution: usize,
 }
 
-impl<B: Backend> EfficientNet<B> {
+impl<B: ConvBackend> EfficientNet<B> {
     /// [N, 1 or 3, H, W] -> the last feature map [N, 1280, h, w].
     pub fn feature_map(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [_, c, h, w] = x.dims();

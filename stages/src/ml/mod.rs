@@ -1,6 +1,6 @@
 //! The machine-learning core behind the `train`, `predict` and `evaluate` kinds: models
-//! (CNN, ViT, heads), losses, optimiser and schedule, augmentation, the training loop,
-//! and the on-disk formats of models, predictions and metrics. Everything here is
+//! (CNN, ViT, EfficientNet-Lite, Swin-V2, heads), losses, optimiser and schedule,
+//! augmentation, the training loop, and the on-disk formats of models, predictions and metrics. Everything here is
 //! generic over a burn backend; `backend` picks the concrete one at run time.
 //!
 //! Later stages (ensemble, soup, pseudo-labels) reuse `checkpoint`, `predictions` and
@@ -25,5 +25,6 @@ pub mod predictions;
 pub mod pretrained;
 pub mod randaugment;
 pub mod schedule;
+pub mod swinv2;
 pub mod train_loop;
 pub mod vit;

@@ -11,10 +11,11 @@ use serde::{Deserialize, Serialize};
 
 use super::cnn::{Cnn, CnnConfig};
 use super::efficientnet::{EfficientNet, EfficientNetConfig};
-use super::pretrained::{LoadReport, load_pretrained};
+use super::pretrained::{LoadReport, load_pretrained, load_pretrained_named, load_tensors, read_tensors};
 use fgflow_engine::StageError;
 use super::head::{Head, HeadConfig};
 use super::loss::LossConfig;
+use super::swinv2::{SwinV2, SwinV2Config};
 use super::vit::{Vit, VitConfig};
 
 /// Version of the model artifact layout; bump when the JSON or tensor names change.
@@ -26,6 +27,7 @@ pub enum BackboneConfig {
     Cnn(CnnConfig),
     Vit(VitConfig),
     EfficientnetLite(EfficientNetConfig),
+    Swinv2(SwinV2Config),
 }
 
 impl BackboneConfig {
@@ -34,6 +36,7 @@ impl BackboneConfig {
             BackboneConfig::Cnn(c) => c.feature_dim(),
             BackboneConfig::Vit(v) => v.feature_dim(),
             BackboneConfig::EfficientnetLite(e) => e.feature_dim(),
+            BackboneConfig::Swinv2(s) => s.feature_dim(),
         }
     }
 }
@@ -85,6 +88,7 @@ impl ModelConfig {
             BackboneConfig::Cnn(c) => Backbone::Cnn(c.init(self.channels, device)),
             BackboneConfig::Vit(v) => Backbone::Vit(v.init(self.channels, self.height, self.width, device)),
             BackboneConfig::EfficientnetLite(e) => Backbone::EfficientnetLite(e.init(device)),
+            BackboneConfig::Swinv2(s) => Backbone::Swinv2(s.init(device)),
         };
         let c = self.num_classes();
         let model = Classifier {
@@ -97,6 +101,8 @@ impl ModelConfig {
         // `reinit` knows burn's Conv2d; the EfficientNet's convolutions are its own.
         if let Backbone::EfficientnetLite(net) = model.backbone {
             model.backbone = Backbone::EfficientnetLite(super::efficientnet::he_init(net, seed));
+        } else if let Backbone::Swinv2(net) = model.backbone {
+            model.backbone = Backbone::Swinv2(super::swinv2::fix_init(net));
         }
         model
     }
@@ -113,6 +119,7 @@ impl ModelConfig {
             BackboneConfig::Cnn(c) => c.check(),
             BackboneConfig::Vit(v) => v.check(self.height, self.width),
             BackboneConfig::EfficientnetLite(e) => e.check(self.channels),
+            BackboneConfig::Swinv2(s) => s.check(self.channels),
         }
     }
 }
@@ -130,6 +137,7 @@ pub enum Backbone<B: Backend> {
     Cnn(Cnn<B>),
     Vit(Vit<B>),
     EfficientnetLite(EfficientNet<B>),
+    Swinv2(SwinV2<B>),
 }
 
 impl<B: Backend> Backbone<B> {
@@ -139,7 +147,13 @@ impl<B: Backend> Backbone<B> {
     pub fn load_pretrained(self, path: &std::path::Path) -> Result<(Self, LoadReport), StageError> {
         let (backbone, report) = match self {
             Backbone::Cnn(m) => load_pretrained(m, path).map(|(m, r)| (Backbone::Cnn(m), r))?,
-            Backbone::Vit(m) => load_pretrained(m, path).map(|(m, r)| (Backbone::Vit(m), r))?,
+            Backbone::Vit(m) => {
+                let file = read_tensors(path)?;
+                let fail = |e: String| StageError::failed(format!("{}: {e}", path.display()));
+                let file = super::vit::adapt_checkpoint(file, &m).map_err(fail)?;
+                load_tensors(m, &file, &|name: &str| name.to_string()).map(|(m, r)| (Backbone::Vit(m), r)).map_err(fail)?
+            }
+            Backbone::Swinv2(m) => load_pretrained_named(m, path, &super::swinv2::timm_name).map(|(m, r)| (Backbone::Swinv2(m), r))?,
             Backbone::EfficientnetLite(m) => load_pretrained(m, path).map(|(m, r)| (Backbone::EfficientnetLite(m), r))?,
         };
         if report.loaded.is_empty() {
@@ -149,6 +163,25 @@ impl<B: Backend> Backbone<B> {
                 path.display(),
                 some(&report.unused),
                 some(&report.new)
+            )));
+        }
+        // A backbone tensor the file lacks is a damaged or different checkpoint, except
+        // what the architecture adds on top of one: the ViT's `fc_norm` (timm's mean
+        // pooling, new over an MAE or class-token checkpoint) and, with that pooling,
+        // the final `norm` it leaves unused.
+        let optional = |name: &str| match &backbone {
+            Backbone::Vit(v) => name.starts_with("fc_norm.") || (v.pool == super::vit::VitPool::Avg && name.starts_with("norm.")),
+            _ => false,
+        };
+        let missing: Vec<&String> = report.new.iter().filter(|n| !optional(n)).collect();
+        if !missing.is_empty() {
+            let shown: Vec<String> = missing.iter().take(5).map(|n| format!("`{n}`")).collect();
+            let more = if missing.len() > 5 { format!(" and {} more", missing.len() - 5) } else { String::new() };
+            return Err(StageError::failed(format!(
+                "{}: {} tensors of this backbone are missing from the file: {}{more}",
+                path.display(),
+                missing.len(),
+                shown.join(", ")
             )));
         }
         Ok((backbone, report))
@@ -172,6 +205,7 @@ impl<B: ConvBackend> Classifier<B> {
             Backbone::Cnn(m) => m.forward(x),
             Backbone::Vit(m) => m.forward(x),
             Backbone::EfficientnetLite(m) => m.forward(x),
+            Backbone::Swinv2(m) => m.forward(x),
         }
     }
 

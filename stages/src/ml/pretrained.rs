@@ -8,6 +8,13 @@
 //! Written with the `safetensors` crate and a `ModuleMapper` rather than burn-store's
 //! `load_from`, so the report and the error message are ours and the file may hold
 //! tensors the module has no place for.
+//!
+//! Checkpoints of other layouts come through a name map (`load_pretrained_named`:
+//! Swin-V2 reads timm's names with `swinv2::timm_name`) or a conversion of the tensors
+//! read (`read_tensors` + `load_tensors`: the ViT splits timm's fused `qkv`, transposes
+//! torch's linear weights and resamples `pos_embed`, `vit::adapt_checkpoint`). Which
+//! backbone tensors may be missing from a file is the backbone's rule
+//! (`model::Backbone::load_pretrained`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,7 +23,8 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use fgflow_engine::StageError;
-use safetensors::{Dtype, SafeTensors};
+pub use safetensors::Dtype;
+use safetensors::SafeTensors;
 
 /// What a load did, by tensor name.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -35,19 +43,55 @@ impl LoadReport {
     }
 }
 
+/// A tensor of a weights file: its shape and, when it is float32, its values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileTensor {
+    pub shape: Vec<usize>,
+    /// `Err(dtype)` for a tensor of another type: an error only if the module uses it.
+    pub values: Result<Vec<f32>, Dtype>,
+}
+
+/// The tensors of a weights file by name.
+pub type FileTensors = BTreeMap<String, FileTensor>;
+
+/// Read every tensor of a safetensors file.
+pub fn read_tensors(path: &Path) -> Result<FileTensors, StageError> {
+    let bytes = std::fs::read(path).map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| StageError::failed(format!("{}: not a safetensors file: {e}", path.display())))?;
+    Ok(st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = if view.dtype() == Dtype::F32 {
+                Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+            } else {
+                Err(view.dtype())
+            };
+            (name, FileTensor { shape: view.shape().to_vec(), values })
+        })
+        .collect())
+}
+
 /// Load every tensor of `module` that `path` names. Errors on an unreadable file, a
 /// non-f32 tensor the module would use, or a shape mismatch.
 pub fn load_pretrained<B: Backend, M: Module<B>>(module: M, path: &Path) -> Result<(M, LoadReport), StageError> {
-    let bytes = std::fs::read(path).map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| StageError::failed(format!("{}: not a safetensors file: {e}", path.display())))?;
-    let mut file: BTreeMap<String, (Vec<usize>, Dtype, &[u8])> = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        file.insert(name, (view.shape().to_vec(), view.dtype(), view.data()));
-    }
-    let mut loader = Loader { file: &file, path: Vec::new(), report: LoadReport::default(), error: None };
+    load_pretrained_named(module, path, &|name: &str| name.to_string())
+}
+
+/// [`load_pretrained`] where the file names a parameter `file_name(field path)` (timm's
+/// `norm1.weight` for our `norm1.gamma`); the report uses the file's names.
+pub fn load_pretrained_named<B: Backend, M: Module<B>>(module: M, path: &Path, file_name: &dyn Fn(&str) -> String) -> Result<(M, LoadReport), StageError> {
+    let file = read_tensors(path)?;
+    load_tensors(module, &file, file_name).map_err(|e| StageError::failed(format!("{}: {e}", path.display())))
+}
+
+/// Load `module`'s parameters from tensors already read (and possibly converted, as
+/// the ViT does with timm's layout); the error names the tensor, not the file.
+pub fn load_tensors<B: Backend, M: Module<B>>(module: M, file: &FileTensors, file_name: &dyn Fn(&str) -> String) -> Result<(M, LoadReport), String> {
+    let mut loader = Loader { file, file_name, path: Vec::new(), report: LoadReport::default(), error: None };
     let module = module.map(&mut loader);
     if let Some(e) = loader.error {
-        return Err(StageError::failed(format!("{}: {e}", path.display())));
+        return Err(e);
     }
     let mut report = loader.report;
     let used: std::collections::BTreeSet<&String> = report.loaded.iter().collect();
@@ -56,7 +100,8 @@ pub fn load_pretrained<B: Backend, M: Module<B>>(module: M, path: &Path) -> Resu
 }
 
 struct Loader<'a> {
-    file: &'a BTreeMap<String, (Vec<usize>, Dtype, &'a [u8])>,
+    file: &'a FileTensors,
+    file_name: &'a dyn Fn(&str) -> String,
     path: Vec<String>,
     report: LoadReport,
     /// The first problem; later tensors are left alone once there is one.
@@ -73,12 +118,12 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let name = self.path.join(".");
+        let name = (self.file_name)(&self.path.join("."));
         let (id, tensor, mapper) = param.consume();
         if self.error.is_some() {
             return Param::from_mapped_value(id, tensor, mapper);
         }
-        let Some((shape, dtype, data)) = self.file.get(&name) else {
+        let Some(FileTensor { shape, values }) = self.file.get(&name) else {
             self.report.new.push(name);
             return Param::from_mapped_value(id, tensor, mapper);
         };
@@ -87,11 +132,13 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
             self.error = Some(format!("tensor `{name}` has shape {shape:?} in the file, the model needs {want:?}"));
             return Param::from_mapped_value(id, tensor, mapper);
         }
-        if *dtype != Dtype::F32 {
-            self.error = Some(format!("tensor `{name}` is {dtype:?}, only F32 is read"));
-            return Param::from_mapped_value(id, tensor, mapper);
-        }
-        let values: Vec<f32> = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let values = match values {
+            Ok(v) => v.clone(),
+            Err(dtype) => {
+                self.error = Some(format!("tensor `{name}` is {dtype:?}, only F32 is read"));
+                return Param::from_mapped_value(id, tensor, mapper);
+            }
+        };
         let require_grad = tensor.is_require_grad();
         let fresh = Tensor::<B, D>::from_data(TensorData::new(values, want), &tensor.device());
         self.report.loaded.push(name);

@@ -11,7 +11,9 @@
 use crate::ml::conv::{ConvBackend, TrainBackend};
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
+use std::collections::HashSet;
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use fgflow_engine::StageError;
@@ -25,7 +27,7 @@ use super::data::{Images, batch_tensor};
 use super::head::{adaptive_margins, log_prior};
 use super::loss::{LossConfig, add_per_class, cross_entropy, eql_adjust, eql_increments, eql_indicator};
 use super::model::{AdjustMode, Classifier, ModelConfig};
-use super::optim::GroupedAdamW;
+use super::optim::{GroupedAdamW, stem_params};
 use super::schedule::lr_at;
 
 /// Everything about a run that is not the model's shape.
@@ -36,9 +38,15 @@ pub struct TrainConfig {
     pub lr: f64,
     pub min_lr: f64,
     pub weight_decay: f64,
-    /// ViT layer-wise learning-rate decay (1.0 = off; see `optim`).
+    /// Layer-wise learning-rate decay per block (1.0 = off; see `optim`).
     #[serde(default = "no_layer_decay")]
     pub layer_decay: f64,
+    /// The backbone's stem (`optim::stem_params`) takes no gradient and no optimiser
+    /// step during the first `freeze_epochs` epochs (0 = never frozen). Its BatchNorm
+    /// running statistics keep updating, as in PyTorch with `requires_grad = False` on
+    /// a module left in train mode.
+    #[serde(default)]
+    pub freeze_epochs: usize,
     pub warmup_epochs: f64,
     pub seed: u64,
     pub label_smoothing: f64,
@@ -141,6 +149,12 @@ pub fn train<B: TrainBackend>(
     let balanced_prior = balanced_prior.map(as_tensor);
 
     let mut optim = GroupedAdamW::<B, Classifier<B>>::new(&model, tc.weight_decay, tc.layer_decay);
+    // Frozen parameters leave the autodiff graph (no gradient computed, so none stepped,
+    // and the frozen prefix of the network costs no backward pass at all).
+    let frozen: HashSet<ParamId> = if tc.freeze_epochs > 0 { stem_params::<B, _>(&model).into_iter().collect() } else { HashSet::new() };
+    if !frozen.is_empty() {
+        model = set_require_grad(model, &frozen, false);
+    }
     // A separate stream from the weight initialisation's (which uses `seed` itself).
     let mut rng = ChaCha8Rng::seed_from_u64(tc.seed ^ 0x5eed_da7a_0000_0001);
     let mut order: Vec<usize> = (0..imgs.n).collect();
@@ -148,6 +162,9 @@ pub fn train<B: TrainBackend>(
     let (h, w, ch) = (imgs.height, imgs.width, imgs.channels);
 
     for epoch in 1..=tc.epochs {
+        if epoch == tc.freeze_epochs + 1 && !frozen.is_empty() {
+            model = set_require_grad(model, &frozen, true);
+        }
         let started = Instant::now();
         order.shuffle(&mut rng);
         let (mut loss_sum, mut seen, mut correct) = (0.0f64, 0usize, 0usize);
@@ -217,6 +234,20 @@ pub fn train<B: TrainBackend>(
     Ok(model.valid())
 }
 
+/// `require_grad` on the parameters in `ids`, leaving their values untouched.
+fn set_require_grad<B: TrainBackend>(model: Classifier<B>, ids: &HashSet<ParamId>, require_grad: bool) -> Classifier<B> {
+    struct Mark<'a> {
+        ids: &'a HashSet<ParamId>,
+        require_grad: bool,
+    }
+    impl<B: Backend> ModuleMapper<B> for Mark<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            if self.ids.contains(&param.id) { param.set_require_grad(self.require_grad) } else { param }
+        }
+    }
+    model.map(&mut Mark { ids, require_grad })
+}
+
 /// Top-1 accuracy of an inference model (no TTA; the model's own post-hoc adjustment).
 pub fn accuracy<B: ConvBackend>(model: &Classifier<B>, config: &ModelConfig, set: Labelled<'_>, batch_size: usize) -> Result<f64, StageError> {
     if set.images.n == 0 {
@@ -270,4 +301,165 @@ pub fn batch_logits<B: ConvBackend>(model: &Classifier<B>, x: Tensor<B, 4>, flip
 
 fn model_device<B: Backend>(model: &Classifier<B>) -> B::Device {
     model.eql_pos.val().device()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ml::cnn::CnnConfig;
+    use crate::ml::efficientnet::{EfficientNetConfig, LiteVariant};
+    use crate::ml::head::HeadConfig;
+    use crate::ml::model::{Backbone, BackboneConfig, MODEL_FORMAT};
+    use burn::backend::{Autodiff, Flex};
+
+    type AD = Autodiff<Flex>;
+
+    fn config(backbone: BackboneConfig) -> ModelConfig {
+        ModelConfig {
+            format: MODEL_FORMAT,
+            backbone,
+            head: HeadConfig::Linear,
+            logit_adjust: None,
+            loss: LossConfig::Ce,
+            classes: (0..3).map(|i| format!("c{i}")).collect(),
+            height: 28,
+            width: 28,
+            channels: 1,
+            class_counts: vec![4; 3],
+            epoch: 0,
+        }
+    }
+
+    fn train_config(epochs: usize, freeze_epochs: usize) -> TrainConfig {
+        TrainConfig {
+            epochs,
+            batch_size: 6,
+            lr: 1e-2,
+            min_lr: 1e-3,
+            weight_decay: 0.05,
+            layer_decay: 1.0,
+            freeze_epochs,
+            warmup_epochs: 0.0,
+            seed: 3,
+            label_smoothing: 0.0,
+            margin_x: 0.45,
+            margin_y: 0.05,
+            augment: AugmentConfig { shift: 0, flip: 0.0, erase: 0.0, randaugment_n: 0, randaugment_m: 0 },
+        }
+    }
+
+    /// Every epoch's inference model.
+    struct Snapshots(Vec<Classifier<Flex>>);
+    impl TrainObserver<Flex> for Snapshots {
+        fn epoch(&mut self, _: &EpochLog, model: &Classifier<Flex>) -> Result<(), StageError> {
+            self.0.push(model.clone());
+            Ok(())
+        }
+    }
+
+    /// (stem tensors, one tensor after the stem) of a model, as values.
+    fn probe(model: &Classifier<Flex>) -> (Vec<Vec<f32>>, Vec<f32>) {
+        let v = |t: Tensor<Flex, 4>| t.into_data().to_vec::<f32>().unwrap();
+        let v1 = |t: Tensor<Flex, 1>| t.into_data().to_vec::<f32>().unwrap();
+        match &model.backbone {
+            Backbone::EfficientnetLite(net) => (
+                vec![v(net.stem.weight.val()), v1(net.stem.bn.gamma.val()), v(net.blocks[0].depthwise.weight.val()), v(net.blocks[0].project.weight.val())],
+                v(net.blocks[1].depthwise.weight.val()),
+            ),
+            Backbone::Cnn(cnn) => (
+                cnn.stages[0].blocks.iter().flat_map(|b| [v(b.conv.weight.val()), v1(b.norm.beta.val())]).collect(),
+                v(cnn.stages[1].blocks[0].conv.weight.val()),
+            ),
+            _ => unreachable!(),
+        }
+    }
+
+    /// `freeze_epochs: 1` of 2: the stem is bit-identical after epoch 1 while the rest
+    /// trains, and changes in epoch 2; with 0 it trains from the start.
+    #[test]
+    fn freeze_epochs_keep_the_stem_bit_identical_then_train_it() {
+        let d = Default::default();
+        let pixels: Vec<u8> = (0..12 * 784).map(|i| ((i * 7919) % 251) as u8).collect();
+        let labels: Vec<u32> = (0..12).map(|i| i % 3).collect();
+        let data = Labelled { images: Images::new(12, 28, 28, 1, &pixels).unwrap(), labels: &labels };
+        for backbone in [
+            BackboneConfig::Cnn(CnnConfig { widths: vec![4, 8], blocks: 2 }),
+            BackboneConfig::EfficientnetLite(EfficientNetConfig { variant: LiteVariant::Lite0, resolution: 32 }),
+        ] {
+            let c = config(backbone);
+            let initial = probe(&c.init::<AD>(0, &d).valid());
+            let mut frozen = Snapshots(Vec::new());
+            train::<AD>(&d, c.init::<AD>(0, &d), &c, &train_config(2, 1), data, None, &mut frozen).unwrap();
+            let (after1, after2) = (probe(&frozen.0[0]), probe(&frozen.0[1]));
+            assert_eq!(after1.0, initial.0, "{:?}: the stem moved while frozen", c.backbone);
+            assert_ne!(after1.1, initial.1, "{:?}: the layers after the stem must train", c.backbone);
+            for (i, (a, b)) in after2.0.iter().zip(&initial.0).enumerate() {
+                assert_ne!(a, b, "{:?}: stem tensor {i} did not train after unfreezing", c.backbone);
+            }
+            let mut free = Snapshots(Vec::new());
+            train::<AD>(&d, c.init::<AD>(0, &d), &c, &train_config(1, 0), data, None, &mut free).unwrap();
+            assert_ne!(probe(&free.0[0]).0[0], initial.0[0]);
+        }
+    }
+
+    /// Layer-wise decay: lr of layer l = lr * d^(L + 1 - l) per block (stem l = 0, head
+    /// and `top` L + 1), for EfficientNet (L = 16 blocks) and the CNN (L = its blocks).
+    #[test]
+    fn layer_decay_follows_the_formula_per_block() {
+        use crate::ml::optim::GroupedAdamW;
+        let d = Default::default();
+        let decay = 0.75f64;
+        let c = config(BackboneConfig::EfficientnetLite(EfficientNetConfig { variant: LiteVariant::Lite0, resolution: 32 }));
+        let model = c.init::<AD>(0, &d);
+        let scales = GroupedAdamW::<AD, _>::new(&model, 0.05, decay).lr_scales();
+        let Backbone::EfficientnetLite(net) = &model.backbone else { unreachable!() };
+        let l = net.blocks.len();
+        assert_eq!(l, 16);
+        assert_eq!(scales[&net.stem.weight.id], decay.powi(17));
+        assert_eq!(scales[&net.stem.bn.beta.id], decay.powi(17));
+        for (i, b) in net.blocks.iter().enumerate() {
+            let want = decay.powi((l - i) as i32);
+            assert_eq!(scales[&b.depthwise.weight.id], want, "block {i}");
+            assert_eq!(scales[&b.project.bn.gamma.id], want, "block {i}");
+            if let Some(e) = &b.expand {
+                assert_eq!(scales[&e.weight.id], want, "block {i}");
+            }
+        }
+        assert_eq!(scales[&net.top.weight.id], 1.0);
+
+        let c = config(BackboneConfig::Cnn(CnnConfig { widths: vec![4, 8], blocks: 2 }));
+        let model = c.init::<AD>(0, &d);
+        let scales = GroupedAdamW::<AD, _>::new(&model, 0.05, decay).lr_scales();
+        let Backbone::Cnn(cnn) = &model.backbone else { unreachable!() };
+        // L = 4 blocks: stage s block b is block 2s + b + 1.
+        for (s, stage) in cnn.stages.iter().enumerate() {
+            for (b, block) in stage.blocks.iter().enumerate() {
+                let want = decay.powi((4 + 1 - (2 * s + b + 1)) as i32);
+                assert_eq!(scales[&block.conv.weight.id], want);
+                assert_eq!(scales[&block.norm.gamma.id], want);
+            }
+        }
+        assert!(GroupedAdamW::<AD, _>::new(&model, 0.05, 1.0).lr_scales().values().all(|&s| s == 1.0));
+
+        // Swin-V2 tiny, depths [2, 2]: L = 4 blocks; stage 1's patch merging goes with
+        // its first block; logit_scale and the position-bias MLP take no weight decay.
+        let c = config(BackboneConfig::Swinv2(crate::ml::swinv2::SwinV2Config::preset("tiny").unwrap()));
+        let model = c.init::<AD>(0, &d);
+        let scales = GroupedAdamW::<AD, _>::new(&model, 0.05, decay).lr_scales();
+        let Backbone::Swinv2(net) = &model.backbone else { unreachable!() };
+        assert_eq!(scales[&net.patch_embed.proj.weight.id], decay.powi(5));
+        for (s, stage) in net.layers.iter().enumerate() {
+            for (b, block) in stage.blocks.iter().enumerate() {
+                assert_eq!(scales[&block.attn.qkv.weight.id], decay.powi((4 - (2 * s + b)) as i32), "stage {s} block {b}");
+            }
+        }
+        let merge = net.layers[1].downsample.as_ref().expect("stage 1 merges patches");
+        assert_eq!(scales[&merge.reduction.weight.id], decay.powi(2));
+        assert_eq!(scales[&net.norm.gamma.id], 1.0);
+        let (groups, _) = crate::ml::optim::param_groups::<AD, _>(&model);
+        let decayed: std::collections::BTreeMap<_, _> = groups.into_iter().map(|(id, k)| (id, k.decayed)).collect();
+        let attn = &net.layers[0].blocks[0].attn;
+        assert!(decayed[&attn.qkv.weight.id]);
+        assert!(!decayed[&attn.logit_scale.id] && !decayed[&attn.cpb_mlp.fc1.weight.id] && !decayed[&attn.cpb_mlp.fc2.weight.id]);
+    }
 }

@@ -7,6 +7,15 @@
 //!
 //! The parameter names `cls_token` and `pos_embed` matter: the optimiser exempts them
 //! from weight decay by name (see `optim`).
+//!
+//! timm's `VisionTransformer` checkpoints (`vit_base_patch16_224.mae`, ...) load into
+//! it: the math is timm's (pre-norm blocks, q scaled by dh^-1/2, exact GELU, LayerNorm
+//! eps 1e-6, `pos_embed` with the class position; `VitPool::Cls` is timm's `token`
+//! pooling and `VitPool::Avg` its `avg` with `fc_norm`), and [`adapt_checkpoint`] turns
+//! timm's layout into this module's and resamples `pos_embed` to another patch grid as
+//! timm does (stages/tests/timm_parity.rs: logits within 1e-4 of timm's). The layout
+//! stays burn's (separate q/k/v, [in, out] weights) so models and MAE checkpoints
+//! written before keep loading.
 
 use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -17,6 +26,7 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::norm::LayerNorm;
+use super::pretrained::{FileTensor, FileTensors};
 
 /// Sizes of the ViT (stored in the model config JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +49,10 @@ pub enum VitPool {
     Mean,
     /// The class token after the final LayerNorm.
     Cls,
+    /// timm's `global_pool='avg'` (MAE fine-tuning): the mean of the patch tokens
+    /// straight from the blocks, then its own LayerNorm `fc_norm` (the final `norm` is
+    /// left unused, as timm replaces it by an identity).
+    Avg,
 }
 
 impl VitPool {
@@ -103,6 +117,7 @@ impl VitConfig {
             pos_embed: zeros([1, tokens, self.dim]),
             blocks,
             norm: ln(),
+            fc_norm: (self.pool == VitPool::Avg).then(ln),
             pool: self.pool,
         }
     }
@@ -170,6 +185,8 @@ pub struct Vit<B: Backend> {
     pub pos_embed: Param<Tensor<B, 3>>,
     pub blocks: Vec<Block<B>>,
     pub norm: LayerNorm<B>,
+    /// Only with `VitPool::Avg`.
+    pub fc_norm: Option<LayerNorm<B>>,
     /// Not a weight: rebuilt from the model config when a model is loaded.
     #[module(skip)]
     pub pool: VitPool,
@@ -202,11 +219,17 @@ impl<B: Backend> Vit<B> {
     /// class token first): [N, T, dim].
     pub fn encode(&self, tokens: Tensor<B, 3>) -> Tensor<B, 3> {
         let [n, t, d] = tokens.dims();
+        self.norm.forward(self.run_blocks(tokens)).reshape([n, t, d])
+    }
+
+    /// The transformer blocks alone: [N, T, dim] -> [N * T, dim].
+    fn run_blocks(&self, tokens: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [n, t, d] = tokens.dims();
         let mut x = tokens.reshape([n * t, d]);
         for block in &self.blocks {
             x = block.forward(x, n, t);
         }
-        self.norm.forward(x).reshape([n, t, d])
+        x
     }
 
     /// [N, C, H, W] -> [N, dim]: the mean of the patch tokens or the class token, after
@@ -214,10 +237,176 @@ impl<B: Backend> Vit<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         let (tokens, h, w) = self.patch_tokens(x);
         let [n, _, d] = tokens.dims();
-        let x = self.encode(Tensor::cat(vec![self.class_token(n), tokens], 1));
+        let tokens = Tensor::cat(vec![self.class_token(n), tokens], 1);
+        if let (VitPool::Avg, Some(fc_norm)) = (self.pool, &self.fc_norm) {
+            let x = self.run_blocks(tokens).reshape([n, 1 + h * w, d]);
+            return fc_norm.forward(x.narrow(1, 1, h * w).mean_dim(1).reshape([n, d]));
+        }
+        let x = self.encode(tokens);
         match self.pool {
-            VitPool::Mean => x.narrow(1, 1, h * w).mean_dim(1).reshape([n, d]),
+            VitPool::Mean | VitPool::Avg => x.narrow(1, 1, h * w).mean_dim(1).reshape([n, d]),
             VitPool::Cls => x.narrow(1, 0, 1).reshape([n, d]),
         }
     }
+}
+
+/// Whether a weights file is in timm's ViT layout (a fused `attn.qkv`), not this
+/// module's (which `pretrain` writes).
+pub fn is_timm_layout(file: &FileTensors) -> bool {
+    file.keys().any(|k| k.ends_with(".attn.qkv.weight"))
+}
+
+/// A checkpoint made fit for `vit`: timm's layout converted to this module's (see
+/// [`from_timm`]), an RGB patch embedding summed to one channel for gray images, and
+/// `pos_embed` resampled to the model's patch grid when the file's
+/// grid differs (timm's `resample_abs_pos_embed`, square grids, the class position
+/// kept as it is).
+pub fn adapt_checkpoint<B: Backend>(file: FileTensors, vit: &Vit<B>) -> Result<FileTensors, String> {
+    let mut file = if is_timm_layout(&file) { from_timm(file) } else { file };
+    // An RGB checkpoint on gray images: the kernel summed over its input channels, as
+    // timm's `adapt_input_conv` does for in_chans=1.
+    let [_, cin, _, _] = vit.patch_embed.weight.dims();
+    if let Some(FileTensor { shape, values: Ok(values) }) = file.get("patch_embed.weight")
+        && cin == 1
+        && shape.len() == 4
+        && shape[1] == 3
+    {
+        let plane = shape[2] * shape[3];
+        let summed = values.chunks_exact(3 * plane).flat_map(|k| (0..plane).map(move |i| k[i] + k[plane + i] + k[2 * plane + i])).collect();
+        let shape = vec![shape[0], 1, shape[2], shape[3]];
+        file.insert("patch_embed.weight".into(), FileTensor { shape, values: Ok(summed) });
+    }
+    let [_, tokens, dim] = vit.pos_embed.dims();
+    if let Some(FileTensor { shape, values: Ok(values) }) = file.get("pos_embed")
+        && shape.len() == 3
+        && shape[2] == dim
+        && shape[1] != tokens
+    {
+        let side = |t: usize| (1..=t).find(|s| s * s + 1 >= t).filter(|s| s * s + 1 == t);
+        let (Some(from), Some(to)) = (side(shape[1]), side(tokens)) else {
+            return Err(format!("tensor `pos_embed` has {} positions in the file and the model needs {tokens}: only square patch grids are resampled", shape[1]));
+        };
+        let resampled = resample_pos_embed(values, dim, from, to);
+        file.insert("pos_embed".into(), FileTensor { shape: vec![1, tokens, dim], values: Ok(resampled) });
+    }
+    Ok(file)
+}
+
+/// timm's ViT names and layouts as this module's: `patch_embed.proj` -> `patch_embed`;
+/// LayerNorm `weight`/`bias` -> `gamma`/`beta`; the fused `attn.qkv` split into
+/// `query`/`key`/`value` and `attn.proj` -> `attn.output`; `mlp.fc1`/`mlp.fc2` ->
+/// `fc1`/`fc2`; torch's [out, in] linear weights transposed to burn's [in, out]. Other
+/// tensors (the classifier `head`) keep their names and go unused.
+pub fn from_timm(file: FileTensors) -> FileTensors {
+    let mut out = FileTensors::new();
+    for (name, t) in file {
+        let norm = |stem: &str, leaf: &str| format!("{stem}.{}", if leaf == "weight" { "gamma" } else { "beta" });
+        let parts: Vec<&str> = name.split('.').collect();
+        match parts.as_slice() {
+            ["patch_embed", "proj", leaf] => {
+                out.insert(format!("patch_embed.{leaf}"), t);
+            }
+            [stem @ ("norm" | "fc_norm"), leaf @ ("weight" | "bias")] => {
+                out.insert(norm(stem, leaf), t);
+            }
+            ["blocks", i, n @ ("norm1" | "norm2"), leaf @ ("weight" | "bias")] => {
+                out.insert(norm(&format!("blocks.{i}.{n}"), leaf), t);
+            }
+            ["blocks", i, "attn", "qkv", leaf] => {
+                let d = t.shape[0] / 3;
+                for (k, part) in ["query", "key", "value"].iter().enumerate() {
+                    let slice = rows(&t, k * d, d);
+                    let slice = if *leaf == "weight" { transpose(slice) } else { slice };
+                    out.insert(format!("blocks.{i}.attn.{part}.{leaf}"), slice);
+                }
+            }
+            ["blocks", i, layer @ ("attn" | "mlp"), linear @ ("proj" | "fc1" | "fc2"), leaf] => {
+                let target = match (*layer, *linear) {
+                    ("attn", "proj") => format!("blocks.{i}.attn.output.{leaf}"),
+                    _ => format!("blocks.{i}.{linear}.{leaf}"),
+                };
+                out.insert(target, if *leaf == "weight" { transpose(t) } else { t });
+            }
+            _ => {
+                out.insert(name, t);
+            }
+        }
+    }
+    out
+}
+
+/// Rows `start..start + len` of a tensor (along its first dimension).
+fn rows(t: &FileTensor, start: usize, len: usize) -> FileTensor {
+    let mut shape = t.shape.clone();
+    let inner: usize = shape.iter().skip(1).product();
+    shape[0] = len;
+    let values = t.values.as_ref().map(|v| v[start * inner..(start + len) * inner].to_vec()).map_err(|d| *d);
+    FileTensor { shape, values }
+}
+
+/// A matrix transposed (any other rank is left as it is: the loader reports its shape).
+fn transpose(t: FileTensor) -> FileTensor {
+    let [r, c] = t.shape[..] else { return t };
+    let values = t.values.map(|v| (0..c * r).map(|k| v[(k % r) * c + k / r]).collect());
+    FileTensor { shape: vec![c, r], values }
+}
+
+/// `pos_embed` [1, 1 + from^2, dim] -> [1, 1 + to^2, dim]: the class position kept, the
+/// patch grid resized as torch's `F.interpolate(mode='bicubic', antialias=True,
+/// align_corners=False)` does (what timm's `resample_abs_pos_embed` calls): separable
+/// Keys cubic with a = -0.5, widened by the scale when shrinking, weights normalised.
+pub fn resample_pos_embed(values: &[f32], dim: usize, from: usize, to: usize) -> Vec<f32> {
+    let weights = antialiased_cubic_weights(from, to);
+    let grid = &values[dim..];
+    // Along the width first, then the height (torch's order).
+    let mut wide = vec![0f32; from * to * dim];
+    for y in 0..from {
+        for (x, (start, ws)) in weights.iter().enumerate() {
+            for (j, w) in ws.iter().enumerate() {
+                let src = &grid[(y * from + start + j) * dim..][..dim];
+                let dst = &mut wide[(y * to + x) * dim..][..dim];
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += w * s);
+            }
+        }
+    }
+    let mut out = values[..dim].to_vec();
+    out.resize(dim + to * to * dim, 0.0);
+    for (y, (start, ws)) in weights.iter().enumerate() {
+        for x in 0..to {
+            for (j, w) in ws.iter().enumerate() {
+                let src = &wide[((start + j) * to + x) * dim..][..dim];
+                let dst = &mut out[dim + (y * to + x) * dim..][..dim];
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += w * s);
+            }
+        }
+    }
+    out
+}
+
+/// Per output index: the first input index and the normalised weights from there
+/// (aten's `_compute_index_ranges_weights` for antialiased bicubic).
+fn antialiased_cubic_weights(input: usize, output: usize) -> Vec<(usize, Vec<f32>)> {
+    let cubic = |x: f64| {
+        let (a, x) = (-0.5, x.abs());
+        if x < 1.0 {
+            ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+        } else {
+            0.0
+        }
+    };
+    let scale = input as f64 / output as f64;
+    let (support, inv) = if scale >= 1.0 { (2.0 * scale, 1.0 / scale) } else { (2.0, 1.0) };
+    (0..output)
+        .map(|i| {
+            let center = scale * (i as f64 + 0.5);
+            // Truncation toward zero, as the C++ casts do.
+            let lo = ((center - support + 0.5) as i64).max(0) as usize;
+            let hi = ((center + support + 0.5) as i64).min(input as i64) as usize;
+            let ws: Vec<f64> = (lo..hi).map(|j| cubic((j as f64 - center + 0.5) * inv)).collect();
+            let total: f64 = ws.iter().sum();
+            (lo, ws.iter().map(|w| (w / total) as f32).collect())
+        })
+        .collect()
 }

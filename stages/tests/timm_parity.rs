@@ -1,0 +1,244 @@
+//! Parity with timm: tiny random timm models (`fixtures/timm`, written by its
+//! `regen.py`) loaded through the `pretrained` mechanism must give timm's eval-mode
+//! logits within 1e-4 on flex: Swin-V2 (shifted windows and masks exercised; the
+//! position bias recomputed for a larger window) and the ViT (class token and mean
+//! pooling with `fc_norm`; position embeddings resampled to other image sizes).
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Flex;
+use burn::tensor::{Tensor, TensorData};
+use fgflow_engine::{Params, Value};
+use fgflow_stages::ml::model::Backbone;
+use fgflow_stages::ml::pretrained::{load_pretrained_named, LoadReport};
+use fgflow_stages::ml::swinv2::{timm_name, SwinV2Config};
+use fgflow_stages::ml::vit::{Vit, VitConfig, VitPool};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/timm")
+}
+
+/// A tensor of a safetensors file as (shape, values).
+fn file_tensor(file: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("{}: {name}: {e}", file.display()));
+    (t.shape().to_vec(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+fn reference(name: &str) -> (Tensor<Flex, 4>, Vec<f32>) {
+    let file = fixtures().join("reference.safetensors");
+    let (shape, x) = file_tensor(&file, &format!("{name}.input"));
+    let (_, logits) = file_tensor(&file, &format!("{name}.logits"));
+    (Tensor::from_data(TensorData::new(x, shape), &Default::default()), logits)
+}
+
+/// timm's classifier of a fixture: features [N, d] -> logits, as a flat vector.
+fn head(file: &Path, prefix: &str, features: Tensor<Flex, 2>) -> Vec<f32> {
+    let device = Default::default();
+    let (wshape, w) = file_tensor(file, &format!("{prefix}.weight"));
+    let (bshape, b) = file_tensor(file, &format!("{prefix}.bias"));
+    let w = Tensor::<Flex, 2>::from_data(TensorData::new(w, wshape), &device).transpose();
+    let b = Tensor::<Flex, 2>::from_data(TensorData::new(b, [1, bshape[0]]), &device);
+    (features.matmul(w) + b).into_data().to_vec::<f32>().unwrap()
+}
+
+fn max_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
+}
+
+fn fixture_swin(resolution: usize, window: usize, pretrained_window: usize) -> SwinV2Config {
+    SwinV2Config {
+        resolution,
+        patch: 2,
+        embed_dim: 16,
+        depths: vec![2, 2],
+        heads: vec![2, 4],
+        window: vec![window; 2],
+        pretrained_window: vec![pretrained_window; 2],
+        mlp_ratio: 4.0,
+    }
+}
+
+#[test]
+fn swinv2_matches_timm_logits() {
+    let file = fixtures().join("swinv2.safetensors");
+    for (case, config) in [("swinv2", fixture_swin(32, 4, 0)), ("swinv2_64w8", fixture_swin(64, 8, 4))] {
+        config.check(3).unwrap();
+        let (net, report) = load_pretrained_named(config.init::<Flex>(&Default::default()), &file, &timm_name).unwrap();
+        assert!(report.new.is_empty(), "{}", report.summary());
+        assert_eq!(report.unused, vec!["head.fc.bias".to_string(), "head.fc.weight".to_string()], "{}", report.summary());
+        let (x, want) = reference(case);
+        let got = head(&file, "head.fc", net.forward(x));
+        let diff = max_diff(&got, &want);
+        eprintln!("{case}: {} tensors, max |logit difference| {diff:.3e}", report.loaded.len());
+        assert!(diff < TOLERANCE, "{case}: max logit difference {diff}\ngot  {got:?}\nwant {want:?}");
+    }
+}
+
+fn fixture_vit(dim: usize, pool: VitPool) -> VitConfig {
+    VitConfig { patch: 8, dim, depth: 2, heads: 2, mlp_ratio: 4.0, pool }
+}
+
+/// A timm ViT file loaded the way `train` loads `pretrained` (layout converted,
+/// `pos_embed` resampled to the model's grid).
+fn load_vit(config: &VitConfig, side: usize, file: &Path) -> (Vit<Flex>, LoadReport) {
+    config.check(side, side).unwrap();
+    match Backbone::Vit(config.init::<Flex>(3, side, side, &Default::default())).load_pretrained(file).unwrap() {
+        (Backbone::Vit(vit), report) => (vit, report),
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn vit_matches_timm_logits_with_class_token_and_mean_pooling() {
+    for (case, config) in [("vit_token", fixture_vit(32, VitPool::Cls)), ("vit_avg", fixture_vit(64, VitPool::Avg))] {
+        let file = fixtures().join(format!("{case}.safetensors"));
+        let (vit, report) = load_vit(&config, 32, &file);
+        // timm's `avg` model has no final `norm` (an identity there): ours stays unused.
+        let new: &[&str] = if case == "vit_avg" { &["norm.gamma", "norm.beta"] } else { &[] };
+        assert_eq!(report.new, new, "{}", report.summary());
+        assert_eq!(report.unused, vec!["head.bias".to_string(), "head.weight".to_string()], "{}", report.summary());
+        let (x, want) = reference(case);
+        let got = head(&file, "head", vit.forward(x));
+        let diff = max_diff(&got, &want);
+        eprintln!("{case}: {} tensors, max |logit difference| {diff:.3e}", report.loaded.len());
+        assert!(diff < TOLERANCE, "{case}: max logit difference {diff}\ngot  {got:?}\nwant {want:?}");
+    }
+}
+
+#[test]
+fn vit_position_embeddings_resample_as_timm_does() {
+    let file = fixtures().join("vit_token.safetensors");
+    for side in [48, 24] {
+        let case = format!("vit_token_{side}");
+        let (vit, _) = load_vit(&fixture_vit(32, VitPool::Cls), side, &file);
+        let (shape, timm_pos) = file_tensor(&fixtures().join(format!("{case}.safetensors")), "pos_embed");
+        assert_eq!(vit.pos_embed.dims().to_vec(), shape);
+        let ours = vit.pos_embed.val().into_data().to_vec::<f32>().unwrap();
+        let pos_diff = max_diff(&ours, &timm_pos);
+        let (x, want) = reference(&case);
+        let diff = max_diff(&head(&file, "head", vit.forward(x)), &want);
+        eprintln!("{case}: max |pos_embed difference| {pos_diff:.3e}, max |logit difference| {diff:.3e}");
+        assert!(pos_diff < 1e-5 && diff < TOLERANCE, "{case}: pos_embed {pos_diff}, logits {diff}");
+    }
+}
+
+mod support;
+
+fn swin_train_params(file: &Path) -> Params {
+    Params::default()
+        .with("backbone", Value::Str("swinv2".into()))
+        .with("swin_patch", Value::Int(2))
+        .with("swin_embed_dim", Value::Int(16))
+        .with("swin_heads", Value::List(vec![Value::Int(2), Value::Int(4)]))
+        .with("swin_window", Value::List(vec![Value::Int(4)]))
+        .with("swin_mlp_ratio", Value::Float(4.0))
+        .with("pretrained", Value::List(vec![Value::Str(file.display().to_string())]))
+        .with("epochs", Value::Int(1))
+        .with("batch_size", Value::Int(8))
+        .with("keep_checkpoints", Value::Int(0))
+}
+
+fn train_set(t: &Path) -> PathBuf {
+    let (train, _) = support::quickdraw(&[0, 1, 2], 8, 8);
+    let dir = t.join("train");
+    std::fs::create_dir_all(&dir).unwrap();
+    fgflow_stages::artifact::write_labelled_set(&dir, &train).unwrap();
+    dir
+}
+
+#[test]
+fn train_fine_tunes_swinv2_from_a_timm_checkpoint_with_another_class_count() {
+    let t = tempfile::tempdir().unwrap();
+    let file = fixtures().join("swinv2.safetensors");
+    let out = t.path().join("out");
+    let log = support::run_kind("train", swin_train_params(&file), &[("train", vec![train_set(t.path())])], &[("pretrained", &file)], &out).unwrap();
+    // 5 timm classes, 3 here: the head is new, timm's is reported unused.
+    assert!(log.contains("77 tensors loaded; new (initialised here): none; unused from the file: head.fc.bias, head.fc.weight"), "{log}");
+    let text = support::describe("train", "model", &out.join("model"));
+    assert!(text.contains("Swin-V2 embed 16 depths [2, 2] heads [2, 4] window [4, 4] patch 2 at 32x32"), "{text}");
+    let (model, config) = fgflow_stages::ml::checkpoint::load_model::<Flex>(&out.join("model"), &Default::default()).unwrap();
+    assert_eq!(config.num_classes(), 3);
+    let x = fgflow_stages::ml::data::batch_tensor::<Flex>(&[&[0u8; 784][..], &[255u8; 784][..]], 28, 28, 1, &Default::default());
+    let logits = model.forward(x).into_data().to_vec::<f32>().unwrap();
+    assert!(logits.iter().all(|v| v.is_finite()) && logits.len() == 6);
+}
+
+/// The fixture with `edit` applied to its tensor list, written to `dir/name`.
+fn edited_fixture(dir: &Path, name: &str, edit: impl Fn(&mut Vec<(String, Vec<usize>, Vec<u8>)>)) -> PathBuf {
+    let bytes = std::fs::read(fixtures().join("swinv2.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec(), v.data().to_vec())).collect();
+    edit(&mut tensors);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, shape, data)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap()))
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn bad_swinv2_checkpoints_fail_with_the_tensors_name_and_write_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let train = train_set(t.path());
+    let run = |file: &Path, params: Params, out: &str| {
+        let out = t.path().join(out);
+        let err = support::run_kind("train", params, &[("train", vec![train.clone()])], &[("pretrained", file)], &out).unwrap_err();
+        assert!(!out.join("model").join("model.safetensors").exists(), "a failed load must not write a model");
+        err.to_string()
+    };
+    // Wrong sizes: the first stage 32 wide where the file's is 16.
+    let file = fixtures().join("swinv2.safetensors");
+    let err = run(&file, swin_train_params(&file).with("swin_embed_dim", Value::Int(32)), "wide");
+    assert!(err.contains("patch_embed.proj.weight") && err.contains("[16, 3, 2, 2]") && err.contains("[32, 3, 2, 2]"), "{err}");
+
+    // A tensor missing from the file.
+    let missing = edited_fixture(t.path(), "missing.safetensors", |v| v.retain(|(n, _, _)| n != "layers.1.downsample.norm.weight"));
+    let err = run(&missing, swin_train_params(&missing), "missing");
+    assert!(err.contains("missing from the file") && err.contains("`layers.1.downsample.norm.weight`"), "{err}");
+
+    // Not a safetensors file.
+    let junk = t.path().join("junk.safetensors");
+    std::fs::write(&junk, b"PK\x03\x04 this is a zip, not safetensors").unwrap();
+    let err = run(&junk, swin_train_params(&junk), "junk");
+    assert!(err.contains("junk.safetensors") && err.contains("not a safetensors file"), "{err}");
+}
+
+#[test]
+fn swinv2_presets_are_valid_and_sized_as_timm() {
+    for name in ["tiny", "base", "large"] {
+        SwinV2Config::preset(name).unwrap().check(3).unwrap();
+    }
+    // timm's swinv2_base_window12to24_192to384 has 1024 features, large 1536.
+    assert_eq!(SwinV2Config::preset("base").unwrap().feature_dim(), 1024);
+    assert_eq!(SwinV2Config::preset("large").unwrap().feature_dim(), 1536);
+}
+
+#[test]
+fn train_fine_tunes_a_vit_from_a_timm_checkpoint_on_gray_images_at_another_grid() {
+    let t = tempfile::tempdir().unwrap();
+    let file = fixtures().join("vit_token.safetensors");
+    // 28x28 gray drawings, patch 8: a 3x3 grid where the checkpoint has 4x4, and one
+    // input channel where it has three.
+    let params = Params::default()
+        .with("backbone", Value::Str("vit".into()))
+        .with("vit_patch", Value::Int(8))
+        .with("vit_dim", Value::Int(32))
+        .with("vit_depth", Value::Int(2))
+        .with("vit_heads", Value::Int(2))
+        .with("vit_mlp_ratio", Value::Float(4.0))
+        .with("vit_pool", Value::Str("cls".into()))
+        .with("pretrained", Value::List(vec![Value::Str(file.display().to_string())]))
+        .with("epochs", Value::Int(1))
+        .with("batch_size", Value::Int(8))
+        .with("keep_checkpoints", Value::Int(0));
+    let out = t.path().join("out");
+    let log = support::run_kind("train", params, &[("train", vec![train_set(t.path())])], &[("pretrained", &file)], &out).unwrap();
+    assert!(log.contains("38 tensors loaded; new (initialised here): none; unused from the file: head.bias, head.weight"), "{log}");
+}
