@@ -4,7 +4,7 @@
 # reaches no package registry, so nothing is built there.
 #
 # Build the bundle beforehand, on a machine with the Rust toolchain:
-#     benches/gpu/bundle.sh                 # -> benches/gpu/bundle/{fgflow,train_speed}
+#     benches/gpu/bundle.sh                 # -> benches/gpu/bundle/{fgflow,train_speed}.xz
 # then, from the repository root on the GPU machine (the tree + the bundle travel):
 #     benches/gpu/run.sh [--bundle DIR] [--python PY] [--images N] [--epochs E]
 #
@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
 done
 
 for exe in fgflow train_speed; do
-  [ -x "$bundle/$exe" ] || die 2 "$bundle/$exe: not found or not executable; build the bundle first with benches/gpu/bundle.sh (on a machine with the Rust toolchain) and bring it along"
+  [ -x "$bundle/$exe" ] || [ -f "$bundle/$exe.xz" ] || die 2 "$bundle/$exe (or $exe.xz): not found or not executable; build the bundle first with benches/gpu/bundle.sh (on a machine with the Rust toolchain) and bring it along"
 done
 
 # Seconds left for a step: its own limit, cut to what the deadline leaves.
@@ -74,6 +74,20 @@ fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/fgflow-gpu.XXXXXX") || die 1 "cannot create a scratch directory"
 trap 'rm -rf "$work"' EXIT
+# The bundle travels compressed (bundle.sh): unpack it into the scratch directory.
+bin="$work/bin"
+mkdir -p "$bin"
+for exe in fgflow train_speed; do
+  if [ -x "$bundle/$exe" ]; then
+    ln -s "$(cd "$bundle" && pwd)/$exe" "$bin/$exe"
+  else
+    "$python" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$bundle/$exe.xz" "$bin/$exe" \
+      || die 2 "$bundle/$exe.xz: cannot be unpacked with $python's lzma"
+    chmod +x "$bin/$exe"
+  fi
+done
+bundle=$bin
+
 failed=0
 step() { # name limit command...
   local name=$1 secs; secs=$(limit "$2"); shift 2

@@ -36,7 +36,7 @@ def torch_python(args):
     py = venv / "bin" / "python"
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "torch", "numpy"], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "torch", "numpy", "timm"], check=True)
     return str(py)
 
 
@@ -54,9 +54,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--python", help="interpreter with torch installed")
     ap.add_argument("--no-ndarray", action="store_true", help="skip burn's ndarray backend (slow on the CNN)")
+    ap.add_argument("--models", default="cnn,vit,swinv2", help="comma-separated; a subset writes RESULTS-<models>.md instead of RESULTS.md")
     args = ap.parse_args()
 
-    exe = ROOT / "target" / "release" / "examples" / "train_speed"
+    exe = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "examples" / "train_speed"
     if not exe.exists():
         sys.exit(f"{exe} is missing: cargo build --release -p fgflow-stages --example train_speed")
     py = torch_python(args)
@@ -69,7 +70,8 @@ def main():
     }
     if not args.no_ndarray:
         impls["burn-ndarray"] = lambda m: [str(exe), m, "ndarray", n, e]
-    cells = [(m, i) for m in ("cnn", "vit") for i in impls]
+    models = [m for m in args.models.split(",") if m]
+    cells = [(m, i) for m in models for i in impls]
     rates = {c: [] for c in cells}
     rss = {c: [] for c in cells}
     meta = {}
@@ -91,7 +93,7 @@ def main():
         "| model | implementation | params | images/s (median) | all repetitions | vs PyTorch | peak RSS (MiB) |",
         "|---|---|---:|---:|---|---:|---:|",
     ]
-    for model in ("cnn", "vit"):
+    for model in models:
         base = statistics.median(rates[(model, "pytorch")])
         for impl in impls:
             c = (model, impl)
@@ -101,7 +103,8 @@ def main():
                          f"{med / base:.2f}x | {statistics.median(rss[c]):.0f} |")
     table = "\n".join(lines)
     print(table)
-    (HERE / "RESULTS.md").write_text("# Training speed: burn (fgflow) vs PyTorch on this CPU\n\n"
+    out = "RESULTS.md" if models == ["cnn", "vit", "swinv2"] else f"RESULTS-{'-'.join(models)}.md"
+    (HERE / out).write_text("# Training speed: burn (fgflow) vs PyTorch on this CPU\n\n"
                                      "Produced by `python3 benches/train_speed/bench.py`.\n\n" + table + "\n")
 
 

@@ -81,6 +81,22 @@ class Vit(nn.Module):
         return self.head(self.norm(x)[:, 1:].mean(1))
 
 
+class Swinv2(nn.Module):
+    """timm's Swin-V2 at fgflow's `tiny` preset (32 px, patch 2, dim 32, depths (2, 2),
+    heads (2, 4), window 4, MLP ratio 2, no drop path: fgflow has none), the drawings
+    replicated to RGB and resized bilinearly to 32 px as fgflow does. Needs timm."""
+
+    def __init__(self, classes=345):
+        super().__init__()
+        from timm.models.swin_transformer_v2 import SwinTransformerV2
+        self.net = SwinTransformerV2(img_size=32, patch_size=2, in_chans=3, num_classes=classes, embed_dim=32,
+                                     depths=(2, 2), num_heads=(2, 4), window_size=4, mlp_ratio=2.0, drop_path_rate=0.0)
+
+    def forward(self, x):
+        x = F.interpolate(x.repeat(1, 3, 1, 1), size=(32, 32), mode="bilinear", align_corners=False)
+        return self.net(x)
+
+
 def augment(batch, rng):
     """Shift +-2 (zero fill), flip with p 0.5, erase a random rectangle with p 0.25."""
     out = np.zeros_like(batch)
@@ -113,7 +129,7 @@ def main():
     images = pixels.reshape(n, 28, 28)
     labels = (torch.arange(n) % 345).to(device)
 
-    model = (Cnn() if model_name == "cnn" else Vit()).to(device)
+    model = {"cnn": Cnn, "vit": Vit, "swinv2": Swinv2}[model_name]().to(device)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     model.train()

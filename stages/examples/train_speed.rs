@@ -26,6 +26,7 @@ use fgflow_stages::ml::head::HeadConfig;
 use fgflow_stages::ml::loss::LossConfig;
 use fgflow_stages::ml::model::{BackboneConfig, Classifier, MODEL_FORMAT, ModelConfig};
 use fgflow_stages::ml::train_loop::{EpochLog, Labelled, TrainConfig, TrainObserver, accuracy, predict_logits, train};
+use fgflow_stages::ml::swinv2::SwinV2Config;
 use fgflow_stages::ml::vit::{VitConfig, VitPool};
 use std::path::PathBuf;
 
@@ -42,6 +43,9 @@ fn backbone(model: &str) -> Option<BackboneConfig> {
     match model {
         "cnn" => Some(BackboneConfig::Cnn(CnnConfig { widths: vec![32, 64, 128], blocks: 2 })),
         "vit" => Some(BackboneConfig::Vit(VitConfig { patch: 4, dim: 128, depth: 4, heads: 4, mlp_ratio: 2.0, pool: VitPool::Mean })),
+        // The `tiny` preset: drawings replicated to RGB and resized to 32 px, patch 2,
+        // dim 32, depths [2, 2], heads [2, 4], window 4.
+        "swinv2" => SwinV2Config::preset("tiny").map(BackboneConfig::Swinv2),
         _ => None,
     }
 }
@@ -211,7 +215,7 @@ fn main() {
     let n: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(640);
     let epochs: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(3).max(2);
     let Some(backbone) = backbone(model) else {
-        eprintln!("unknown model {model:?} (cnn, vit, or `check BACKEND`)");
+        eprintln!("unknown model {model:?} (cnn, vit, swinv2, or `check BACKEND`)");
         std::process::exit(2);
     };
     let cfg = config(backbone, 345);

@@ -90,14 +90,6 @@ fn pretrained_params(resolution: i64, file: &Path) -> Params {
         .with("keep_checkpoints", Value::Int(0))
 }
 
-fn train_set(t: &Path) -> PathBuf {
-    let (train, _) = support::quickdraw(&[0, 1, 2], 8, 8);
-    let dir = t.join("train");
-    std::fs::create_dir_all(&dir).unwrap();
-    fgflow_stages::artifact::write_labelled_set(&dir, &train).unwrap();
-    dir
-}
-
 #[test]
 fn wrong_shape_checkpoint_fails_with_the_tensors_name_and_both_shapes() {
     let t = tempfile::tempdir().unwrap();
@@ -105,7 +97,7 @@ fn wrong_shape_checkpoint_fails_with_the_tensors_name_and_both_shapes() {
     let stem: Vec<u8> = vec![0f32; 16 * 27].iter().flat_map(|v| v.to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![16, 3, 3, 3], &stem).unwrap();
     std::fs::write(&file, safetensors::serialize([("stem.weight", view)], None).unwrap()).unwrap();
-    let train = train_set(t.path());
+    let train = support::train_set(t.path());
     let out = t.path().join("out");
     let err = support::run_kind("train", pretrained_params(32, &file), &[("train", vec![train])], &[("pretrained", &file)], &out).unwrap_err().to_string();
     assert!(err.contains("stem.weight") && err.contains("[16, 3, 3, 3]") && err.contains("[32, 3, 3, 3]"), "{err}");
@@ -124,7 +116,7 @@ fn wrong_shape_checkpoint_fails_with_the_tensors_name_and_both_shapes() {
 #[test]
 fn train_fine_tunes_from_the_committed_weights() {
     let t = tempfile::tempdir().unwrap();
-    let train = train_set(t.path());
+    let train = support::train_set(t.path());
     let out = t.path().join("out");
     let log = support::run_kind("train", pretrained_params(32, &weights()), &[("train", vec![train])], &[("pretrained", &weights())], &out).unwrap();
     assert!(log.contains("245 tensors loaded; new (initialised here): none; unused from the file: classifier.bias, classifier.weight"), "{log}");

@@ -143,20 +143,12 @@ fn swin_train_params(file: &Path) -> Params {
         .with("keep_checkpoints", Value::Int(0))
 }
 
-fn train_set(t: &Path) -> PathBuf {
-    let (train, _) = support::quickdraw(&[0, 1, 2], 8, 8);
-    let dir = t.join("train");
-    std::fs::create_dir_all(&dir).unwrap();
-    fgflow_stages::artifact::write_labelled_set(&dir, &train).unwrap();
-    dir
-}
-
 #[test]
 fn train_fine_tunes_swinv2_from_a_timm_checkpoint_with_another_class_count() {
     let t = tempfile::tempdir().unwrap();
     let file = fixtures().join("swinv2.safetensors");
     let out = t.path().join("out");
-    let log = support::run_kind("train", swin_train_params(&file), &[("train", vec![train_set(t.path())])], &[("pretrained", &file)], &out).unwrap();
+    let log = support::run_kind("train", swin_train_params(&file), &[("train", vec![support::train_set(t.path())])], &[("pretrained", &file)], &out).unwrap();
     // 5 timm classes, 3 here: the head is new, timm's is reported unused.
     assert!(log.contains("77 tensors loaded; new (initialised here): none; unused from the file: head.fc.bias, head.fc.weight"), "{log}");
     let text = support::describe("train", "model", &out.join("model"));
@@ -186,7 +178,7 @@ fn edited_fixture(dir: &Path, name: &str, edit: impl Fn(&mut Vec<(String, Vec<us
 #[test]
 fn bad_swinv2_checkpoints_fail_with_the_tensors_name_and_write_nothing() {
     let t = tempfile::tempdir().unwrap();
-    let train = train_set(t.path());
+    let train = support::train_set(t.path());
     let run = |file: &Path, params: Params, out: &str| {
         let out = t.path().join(out);
         let err = support::run_kind("train", params, &[("train", vec![train.clone()])], &[("pretrained", file)], &out).unwrap_err();
@@ -239,6 +231,6 @@ fn train_fine_tunes_a_vit_from_a_timm_checkpoint_on_gray_images_at_another_grid(
         .with("batch_size", Value::Int(8))
         .with("keep_checkpoints", Value::Int(0));
     let out = t.path().join("out");
-    let log = support::run_kind("train", params, &[("train", vec![train_set(t.path())])], &[("pretrained", &file)], &out).unwrap();
+    let log = support::run_kind("train", params, &[("train", vec![support::train_set(t.path())])], &[("pretrained", &file)], &out).unwrap();
     assert!(log.contains("38 tensors loaded; new (initialised here): none; unused from the file: head.bias, head.weight"), "{log}");
 }

@@ -60,3 +60,17 @@ pub fn batch_tensor<B: Backend>(images: &[&[u8]], height: usize, width: usize, c
     let data = to_nchw(images, height, width, channels);
     Tensor::from_data(TensorData::new(data, [images.len(), channels, height, width]), device)
 }
+
+/// How small gray drawings reach a network made for RGB photos: [N, 1 or 3, H, W] ->
+/// [N, 3, resolution, resolution], a gray channel replicated, resized bilinearly (half-
+/// pixel centres, as torchvision's `Resize` without antialiasing) when the size differs.
+pub fn rgb_at<B: Backend>(x: Tensor<B, 4>, resolution: usize) -> Tensor<B, 4> {
+    use burn::tensor::module::interpolate;
+    use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+    let [_, c, h, w] = x.dims();
+    let x = if c == 1 { x.repeat_dim(1, 3) } else { x };
+    if (h, w) == (resolution, resolution) {
+        return x;
+    }
+    interpolate(x, [resolution, resolution], InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false))
+}

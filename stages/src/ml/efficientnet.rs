@@ -33,8 +33,8 @@
 
 use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::{conv2d, interpolate};
-use burn::tensor::ops::{ConvOptions, InterpolateMode, InterpolateOptions, PadMode};
+use burn::tensor::module::conv2d;
+use burn::tensor::ops::{ConvOptions, PadMode};
 use burn::tensor::{Tensor, TensorData};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -274,13 +274,7 @@ pub struct EfficientNet<B: Backend> {
 impl<B: ConvBackend> EfficientNet<B> {
     /// [N, 1 or 3, H, W] -> the last feature map [N, 1280, h, w].
     pub fn feature_map(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [_, c, h, w] = x.dims();
-        let x = if c == 1 { x.repeat_dim(1, 3) } else { x };
-        let x = if (h, w) != (self.resolution, self.resolution) {
-            interpolate(x, [self.resolution, self.resolution], InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false))
-        } else {
-            x
-        };
+        let x = super::data::rgb_at(x, self.resolution);
         let mut x = self.stem.forward(x, true);
         for block in &self.blocks {
             x = block.forward(x);

@@ -30,8 +30,6 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::Initializer;
 use burn::tensor::activation::{gelu, relu, sigmoid, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
@@ -461,13 +459,7 @@ pub struct SwinV2<B: Backend> {
 impl<B: Backend> SwinV2<B> {
     /// [N, 1 or 3, H, W] -> the final normed feature map [N, h, w, C].
     pub fn feature_map(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [_, c, h, w] = x.dims();
-        let x = if c == 1 { x.repeat_dim(1, 3) } else { x };
-        let x = if (h, w) != (self.resolution, self.resolution) {
-            interpolate(x, [self.resolution, self.resolution], InterpolateOptions::new(InterpolateMode::Bilinear).with_align_corners(false))
-        } else {
-            x
-        };
+        let x = super::data::rgb_at(x, self.resolution);
         let p = self.patch_embed.proj.forward(x); // [N, C, h, w]
         let [n, d, h, w] = p.dims();
         let tokens = p.reshape([n, d, h * w]).swap_dims(1, 2).reshape([n * h * w, d]);

@@ -85,3 +85,12 @@ pub fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     }
     out
 }
+
+/// A labelled set of 3 classes x 8 drawings written as an artifact under `t/train`.
+pub fn train_set(t: &Path) -> PathBuf {
+    let (train, _) = quickdraw(&[0, 1, 2], 8, 8);
+    let dir = t.join("train");
+    std::fs::create_dir_all(&dir).unwrap();
+    fgflow_stages::artifact::write_labelled_set(&dir, &train).unwrap();
+    dir
+}
