@@ -117,8 +117,7 @@ impl Observer for Console {
             // On stderr, where the bars would be: stdout keeps its stage lines (or JSON).
             eprintln!("{}", job_line(stage, job, state, detail));
         } else {
-            let sep = if detail.is_empty() { "" } else { " " };
-            self.progress(stage, 0, 1, &format!("slurm job {job} {state}{sep}{detail}"));
+            self.progress(stage, 0, 1, &fgflow_engine::exec::job_message(job, state, detail));
         }
     }
 

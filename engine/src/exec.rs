@@ -53,9 +53,14 @@ pub trait Observer: ProgressSink {
     /// its final state, with `detail` such as an exit code). By default it becomes the
     /// stage's progress message.
     fn job_state(&self, stage: &str, job: u64, state: &str, detail: &str) {
-        let sep = if detail.is_empty() { "" } else { " " };
-        self.progress(stage, 0, 1, &format!("slurm job {job} {state}{sep}{detail}"));
+        self.progress(stage, 0, 1, &job_message(job, state, detail));
     }
+}
+
+/// `slurm job 123 FAILED (exit code 1)`: a job's state as a stage's progress message.
+pub fn job_message(job: u64, state: &str, detail: &str) -> String {
+    let sep = if detail.is_empty() { "" } else { " " };
+    format!("slurm job {job} {state}{sep}{detail}")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -287,10 +287,16 @@ impl JobRecord {
 
 /// `FAILED (exit code 3)`, `CANCELLED (signal 9)`, `COMPLETED`: a state for people.
 pub fn state_text(st: &JobState) -> String {
+    let detail = state_detail(st);
+    if detail.is_empty() { st.state.clone() } else { format!("{} {detail}", st.state) }
+}
+
+/// What a state's exit status adds for people: `(exit code 3)`, `(signal 9)`, or "".
+fn state_detail(st: &JobState) -> String {
     match st.exit {
-        Some((c, 0)) if c != 0 => format!("{} (exit code {c})", st.state),
-        Some((_, s)) if s != 0 => format!("{} (signal {s})", st.state),
-        _ => st.state.clone(),
+        Some((c, 0)) if c != 0 => format!("(exit code {c})"),
+        Some((_, s)) if s != 0 => format!("(signal {s})"),
+        _ => String::new(),
     }
 }
 
@@ -838,8 +844,7 @@ impl Executor for SlurmExecutor {
         obs.job_state(&stage.name, id, "SUBMITTED", "");
         self.watcher.add(id, lease.clone());
         let waited = self.watcher.wait(id, &|st| {
-            let detail = state_text(st);
-            obs.job_state(&stage.name, id, &st.state, detail.strip_prefix(st.state.as_str()).unwrap_or("").trim_start());
+            obs.job_state(&stage.name, id, &st.state, &state_detail(st));
         });
         IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         let state = match &waited {

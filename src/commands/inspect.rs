@@ -135,6 +135,11 @@ fn resolve(app: &App, target: &str, pipeline: Option<PathBuf>) -> Result<Entry, 
     found.entry.ok_or_else(|| CliError::Usage(format!("`{target}` has no result in the cache: its last job did not write one (`fgflow show {target}` prints the job's log)")))
 }
 
+/// `show`'s first lines for a key whose last job wrote no entry.
+fn attempt_header(stage: &str, key: &Digest) -> String {
+    format!("stage     {}\nkey       {key}  (no result: its last job did not write one)\n", crate::console::esc(stage))
+}
+
 /// The lines of a job's log `show` prints.
 const JOB_LOG_LINES: usize = 40;
 
@@ -167,12 +172,13 @@ fn job_section(app: &App, key: &Digest, has_result: bool) -> Option<(String, ser
     } else {
         s.push_str(&format!("job log   {} (none yet)\n", crate::console::esc(&log.display().to_string())));
     }
+    let state = record.as_ref().and_then(|r| r.state.as_ref());
     let json = serde_json::json!({
         "key": key.to_hex(),
         "id": record.as_ref().map(|r| r.id),
-        "state": record.as_ref().and_then(|r| r.state.as_ref()).map(|st| st.state.clone()),
-        "exit_code": record.as_ref().and_then(|r| r.state.as_ref()).and_then(|st| st.exit).map(|(c, _)| c),
-        "signal": record.as_ref().and_then(|r| r.state.as_ref()).and_then(|st| st.exit).map(|(_, sig)| sig),
+        "state": state.map(|st| st.state.clone()),
+        "exit_code": state.and_then(|st| st.exit).map(|(c, _)| c),
+        "signal": state.and_then(|st| st.exit).map(|(_, sig)| sig),
         "log_path": log.to_string_lossy(),
         "log_tail": tail,
     });
@@ -248,7 +254,7 @@ pub fn show(app: &App, a: ShowArgs) -> CliResult {
             let doc = serde_json::json!({ "entry": null, "summaries": {}, "log": "", "job": null, "attempt": json });
             out(&format!("{}\n", serde_json::to_string_pretty(&doc).unwrap_or_default()))?;
         } else {
-            out(&format!("stage     {}\nkey       {k}  (no result: its last job did not write one)\n{text}", crate::console::esc(&stage_of(&k))))?;
+            out(&format!("{}{text}", attempt_header(&stage_of(&k), &k)))?;
         }
         return Ok(ExitCode::SUCCESS);
     };
@@ -271,7 +277,7 @@ pub fn show(app: &App, a: ShowArgs) -> CliResult {
     }
     let mut s = String::new();
     if let Some((k, j)) = &attempt {
-        s.push_str(&format!("stage     {}\nkey       {k}  (no result: its last job did not write one)\n", crate::console::esc(&e.stage)));
+        s.push_str(&attempt_header(&e.stage, k));
         s.push_str(&j.as_ref().map(|j| j.0.clone()).unwrap_or_default());
         s.push_str("\nlast result (an earlier key):\n");
     }

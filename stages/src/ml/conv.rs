@@ -121,8 +121,7 @@ fn options(k: usize) -> ConvOptions<2> {
 }
 
 fn weight_kernel<B: Backend>(weight: &FloatTensor<B>) -> usize {
-    use burn::tensor::TensorMetadata;
-    weight.shape().dims::<4>()[2]
+    dims4::<B>(weight)[2]
 }
 
 /// `conv_same` on tensors: the one call the models make.
