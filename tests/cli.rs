@@ -161,7 +161,7 @@ fn inspect_show_export_ls_graph_gc_verify() {
     assert_eq!(with_status(&r, "ran"), ["sum"]);
 }
 
-fn walk_files(dir: &Path) -> Vec<PathBuf> {
+pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         if e.path().is_dir() {

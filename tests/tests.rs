@@ -7,6 +7,7 @@ mod gpu_script;
 mod hostile_cache;
 mod hostile_load;
 mod hostile_stage;
+mod pretrained;
 mod report;
 mod slurm;
 mod soak;

@@ -188,9 +188,9 @@ pub fn run_with(p: &Pipeline, store: &Store, registry: &Registry, sources: &Sour
         let stage = &p.stages[i];
         let (fp, origins, _) = plan::fingerprint(stage, sources.get(&stage.name).unwrap_or(&empty), &upstream_outputs, &opts.backend);
         let key = fp.key();
-        let stage_sources = sources.get(&stage.name).unwrap_or(&empty);
+        let stage_sources = plan::stage_sources(stage, sources);
         let executor: &dyn Executor = if stage.local { &LocalExecutor } else { executor };
-        let outcome = execute_one(store, registry, p, i, key, fp, stage_sources, origins, refs_before.get(&stage.name), opts, obs, &heavy, executor);
+        let outcome = execute_one(store, registry, p, i, key, fp, &stage_sources, origins, refs_before.get(&stage.name), opts, obs, &heavy, executor);
         let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
         g.running -= 1;
         match outcome {

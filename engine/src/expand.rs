@@ -3,8 +3,7 @@
 //! `{index}` and `{prev_item}` substituted). Expanded names depend only on the items,
 //! so adding a round keeps the names, and so the cache, of the existing ones.
 
-use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use indexmap::IndexMap;
 
@@ -13,38 +12,49 @@ use crate::spec::{InputDecl, StageDecl, StageMap};
 /// A problem found while expanding: (declaration name, section, field, message).
 pub type ExpandError = (String, &'static str, Option<String>, String);
 
-pub struct Expanded<'a> {
-    /// A declaration that neither inherits nor expands is borrowed, not copied.
-    pub stages: Vec<(String, Cow<'a, StageDecl>)>,
-    /// Expanded stage name -> the declaration it came from (for error spans).
+pub struct Expanded {
+    /// The declarations, moved out of the file's map (only bases of `extends` are
+    /// copied), so the parsed file is not kept beside them.
+    pub stages: Vec<(String, StageDecl)>,
+    /// Expanded stage name (`round@2`) -> the declaration it came from (for error
+    /// spans); a stage named as declared has no entry.
     pub origin: HashMap<String, String>,
     pub errors: Vec<ExpandError>,
 }
 
-pub fn expand(map: &StageMap) -> Expanded<'_> {
-    let decls: HashMap<&str, &StageDecl> = map.0.iter().map(|(n, d)| (n.as_str(), d)).collect();
+pub fn expand(map: StageMap) -> Expanded {
+    // Only declarations that something `extends` are looked up by name; the last one
+    // of a repeated name is the base (as a map of all declarations would keep it).
+    let wanted: HashSet<&str> = map.0.iter().filter_map(|(_, d)| d.extends.as_deref()).collect();
+    let mut bases: HashMap<String, StageDecl> = HashMap::with_capacity(wanted.len());
+    for (n, d) in &map.0 {
+        if wanted.contains(n.as_str()) {
+            bases.insert(n.clone(), d.clone());
+        }
+    }
+    drop(wanted);
     let mut errors = Vec::new();
-    let mut stages = Vec::new();
+    let mut stages = Vec::with_capacity(map.0.len());
     let mut origin = HashMap::new();
-    for (name, decl) in &map.0 {
-        let resolved = match inherit(name, decl, &decls) {
+    for (name, decl) in map.0 {
+        let resolved = match inherit(&name, decl, &bases) {
             Ok(d) => d,
             Err(msg) => {
-                errors.push((name.clone(), "extends", None, msg));
+                errors.push((name, "extends", None, msg));
                 continue;
             }
         };
-        if decl.template {
+        if resolved.template {
             continue;
         }
         if resolved.kind.is_none() {
-            errors.push((name.clone(), "kind", None, format!("stage `{name}` has no `kind` (give one, or `extends` a declaration that has)")));
+            let msg = format!("stage `{name}` has no `kind` (give one, or `extends` a declaration that has)");
+            errors.push((name, "kind", None, msg));
             continue;
         }
-        match &decl.foreach {
+        match &resolved.foreach {
             None => {
-                origin.insert(name.clone(), name.clone());
-                stages.push((name.clone(), resolved));
+                stages.push((name, resolved));
             }
             Some(items) if items.is_empty() => {
                 // Zero items would silently declare zero stages.
@@ -69,7 +79,7 @@ pub fn expand(map: &StageMap) -> Expanded<'_> {
                             None => s,
                         }
                     };
-                    let mut d = resolved.as_ref().clone();
+                    let mut d = resolved.clone();
                     d.foreach = None;
                     d.params = d.params.iter().map(|(k, v)| (k.clone(), subst_value(v, &sub, i))).collect();
                     let mut inputs = IndexMap::new();
@@ -100,7 +110,7 @@ pub fn expand(map: &StageMap) -> Expanded<'_> {
                     d.first = IndexMap::new();
                     let full = format!("{name}@{item}");
                     origin.insert(full.clone(), name.clone());
-                    stages.push((full, Cow::Owned(d)));
+                    stages.push((full, d));
                 }
             }
         }
@@ -109,13 +119,13 @@ pub fn expand(map: &StageMap) -> Expanded<'_> {
 }
 
 /// Follow `extends` to its root, merging on the way; reports cycles and missing bases.
-fn inherit<'a>(name: &str, decl: &'a StageDecl, decls: &HashMap<&str, &StageDecl>) -> Result<Cow<'a, StageDecl>, String> {
+fn inherit(name: &str, decl: StageDecl, decls: &HashMap<String, StageDecl>) -> Result<StageDecl, String> {
     if decl.extends.is_none() {
-        return Ok(Cow::Borrowed(decl));
+        return Ok(decl);
     }
     let mut chain = vec![name.to_string()];
-    let mut layers = vec![decl];
-    let mut cur = decl;
+    let mut layers = vec![&decl];
+    let mut cur = &decl;
     while let Some(base) = &cur.extends {
         if chain.contains(base) {
             chain.push(base.clone());
@@ -155,7 +165,7 @@ fn inherit<'a>(name: &str, decl: &'a StageDecl, decls: &HashMap<&str, &StageDecl
     out.extends = None;
     out.template = decl.template;
     out.foreach = decl.foreach.clone();
-    Ok(Cow::Owned(out))
+    Ok(out)
 }
 
 fn subst_value(v: &ron::Value, sub: &dyn Fn(&str) -> String, index: usize) -> ron::Value {

@@ -8,15 +8,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use miette::NamedSource;
-use petgraph::algo::{tarjan_scc, toposort};
+use petgraph::algo::tarjan_scc;
 use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::expand::expand;
 use crate::diagnostic::{Locator, MAX_VALUE_BYTES, SpecError, SpecErrors, needs_escape, offset_of, shown};
-use crate::kind::{ParamType, PortSpec, Resources, StageKind};
+use crate::kind::{ParamSpec, ParamType, PortSpec, Resources, StageKind};
 use crate::registry::Registry;
 use crate::spec::{self, InputDecl};
-use crate::value::{Params, Value};
+use crate::value::{Params, SortedMap, Value};
 
 /// The longest stage name accepted (`foreach` names `name@item` included).
 pub const MAX_NAME_BYTES: usize = 200;
@@ -41,11 +41,11 @@ pub struct Stage {
     /// Every parameter, defaults filled in, canonical.
     pub params: Params,
     /// Port -> the outputs feeding it, in file order.
-    pub inputs: BTreeMap<String, Vec<OutputRef>>,
+    pub inputs: SortedMap<String, Vec<OutputRef>>,
     pub outputs: Vec<PortSpec>,
     pub resources: Resources,
     /// `Path` parameters: param -> paths as written (relative to the pipeline file).
-    pub paths: BTreeMap<String, Vec<String>>,
+    pub paths: SortedMap<String, Vec<String>>,
     /// Environment variables whose values are part of the key.
     pub env: Vec<String>,
     /// What a cluster job of this stage asks for (not part of the key).
@@ -128,8 +128,13 @@ impl Pipeline {
                 return Err(mk(vec![err], &src));
             }
         };
-        let expanded = expand(&parsed.stages);
-        let loc = Locator::new(&src, parsed.stages.0.iter().map(|(n, _)| n.clone())).with_aliases(&expanded.origin);
+        let spec::PipelineFile { backend, executor, stages: declared } = parsed;
+        // The declarations are consumed as they are checked: the parsed file is not
+        // kept beside the checked stages. The locator wants the declared names only
+        // for a file it cannot lex, with an error to report: it parses them again then.
+        let expanded = expand(declared);
+        let reparsed_names = std::iter::once(()).flat_map(|()| spec::parse(&src).map(|f| f.stages.0.into_iter().map(|(n, _)| n)).into_iter().flatten());
+        let loc = Locator::new(&src, reparsed_names).with_aliases(&expanded.origin);
         let mut errors = Vec::new();
         let mut err = |span: miette::SourceSpan, message: String, label: &str, help: Option<String>| {
             errors.push(SpecError { message, span, label: label.into(), help });
@@ -137,21 +142,32 @@ impl Pipeline {
         for (name, section, field, message) in &expanded.errors {
             err(loc.field(name, section, field.as_deref()), message.clone(), "here", None);
         }
-        if let Some(Err(msg)) = parsed.backend.as_deref().map(|b| registry.check_backend(b)) {
+        if let Some(Err(msg)) = backend.as_deref().map(|b| registry.check_backend(b)) {
             err(loc.top_level("backend"), msg, "unknown backend", None);
         }
         if expanded.stages.is_empty() && expanded.errors.is_empty() {
             err(loc.top_level("stages"), "the pipeline declares no stage".into(), "empty", Some("a pipeline needs at least one stage that is not a template".into()));
         }
+        let (names, mut decls): (Vec<String>, Vec<spec::StageDecl>) = expanded.stages.into_iter().unzip();
 
-        // Pass 1: kinds and parameters, stage by stage.
-        let mut seen: HashMap<&str, ()> = HashMap::with_capacity(expanded.stages.len());
-        let mut checked: Vec<(String, Option<Arc<dyn StageKind>>, Params, BTreeMap<String, Vec<String>>)> = Vec::with_capacity(expanded.stages.len());
-        for (sname, decl) in &expanded.stages {
+        // Pass 1: kinds and parameters, stage by stage. Each declaration's parameters
+        // are converted and dropped here; what pass 2 reads (inputs, resources) stays.
+        // Name -> position of its first declaration in `names`: the one name lookup of
+        // the load (outputs, graph nodes and references all go through positions).
+        let mut seen: HashMap<&str, usize> = HashMap::with_capacity(names.len());
+        let mut schemas: HashMap<&'static str, KindSchema> = HashMap::new();
+        let mut checked: Vec<(usize, Option<Arc<dyn StageKind>>, Params, SortedMap<String, Vec<String>>)> = Vec::with_capacity(names.len());
+        for (at, (sname, decl)) in names.iter().zip(decls.iter_mut()).enumerate() {
+            let decl_params = std::mem::take(&mut decl.params);
             let decl_kind = decl.kind.as_deref().unwrap_or_default();
-            if seen.insert(sname.as_str(), ()).is_some() {
-                err(loc.stage(sname), format!("stage `{sname}` is defined twice"), "second definition", Some("stage names must be unique".into()));
-                continue;
+            match seen.entry(sname.as_str()) {
+                std::collections::hash_map::Entry::Occupied(_) => {
+                    err(loc.stage(sname), format!("stage `{sname}` is defined twice"), "second definition", Some("stage names must be unique".into()));
+                    continue;
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(at);
+                }
             }
             if sname.contains('.') || sname.is_empty() || sname.chars().any(|c| c.is_control() || needs_escape(c)) {
                 err(loc.stage(sname), format!("stage name `{sname}` must be non-empty and contain no `.` and no control characters"), "bad name", None);
@@ -168,15 +184,16 @@ impl Pipeline {
                     "unknown kind",
                     Some(format!("known kinds: {}", registry.names().join(", "))),
                 );
-                checked.push((sname.clone(), None, Params::default(), BTreeMap::new()));
+                checked.push((at, None, Params::default(), SortedMap::new()));
                 continue;
             };
-            let specs = kind.params();
+            let schema = schemas.entry(kind.name()).or_insert_with(|| KindSchema::of(&**kind));
+            let specs = &schema.params;
             // One canonical form for every parameter, written or defaulted: the value
             // goes through `convert`, then `Path` values are set aside as sources. So
             // writing a default explicitly never changes a key.
-            let mut params = BTreeMap::new();
-            for (pname, raw) in &decl.params {
+            let mut params = SortedMap::new();
+            for (pname, raw) in &decl_params {
                 let Some(ps) = specs.iter().find(|p| p.name == pname) else {
                     let known: Vec<&str> = specs.iter().map(|p| p.name).collect();
                     err(
@@ -199,14 +216,14 @@ impl Pipeline {
                     ),
                 }
             }
-            for ps in &specs {
-                if params.contains_key(ps.name) || decl.params.contains_key(ps.name) {
+            for (ps, default) in specs.iter().zip(&schema.defaults) {
+                if params.contains_key(ps.name) || decl_params.contains_key(ps.name) {
                     continue;
                 }
-                match &ps.default {
-                    Some(d) => match convert(&to_ron(d), &ps.ty) {
+                match default {
+                    Some(d) => match d {
                         Ok(v) => {
-                            params.insert(ps.name.to_string(), v);
+                            params.insert(ps.name.to_string(), v.clone());
                         }
                         Err(msg) => err(
                             loc.stage(sname),
@@ -223,7 +240,7 @@ impl Pipeline {
                     ),
                 }
             }
-            let paths: BTreeMap<String, Vec<String>> =
+            let paths: SortedMap<String, Vec<String>> =
                 specs.iter().filter_map(|ps| params.get(ps.name).and_then(|v| path_strings(v, &ps.ty)).map(|list| (ps.name.to_string(), list))).collect();
             let params = Params(params);
             if specs.iter().all(|ps| params.0.contains_key(ps.name)) {
@@ -231,23 +248,31 @@ impl Pipeline {
                     err(loc.field(sname, "params", Some(&field)), format!("stage `{sname}`: parameter `{field}`: {msg}"), "invalid value", None);
                 }
             }
-            checked.push((sname.clone(), Some(kind.clone()), params, paths));
+            checked.push((at, Some(kind.clone()), params, paths));
         }
 
         // Pass 2: inputs, now that every stage's outputs are known.
-        let mut outputs_of: HashMap<&str, Vec<PortSpec>> = HashMap::with_capacity(checked.len());
-        for ((_, k, p, _), (n, _)) in checked.iter().zip(expanded.stages.iter().filter(first_of_each_name())) {
+        // By position in `names`: the outputs of each checked stage, and its position
+        // among the stages (`usize::MAX`: none, e.g. an unknown kind).
+        let mut outputs_of: Vec<Option<Vec<PortSpec>>> = (0..names.len()).map(|_| None).collect();
+        let mut stage_at = vec![usize::MAX; names.len()];
+        for (at, k, p, _) in &checked {
             if let Some(k) = k {
-                outputs_of.insert(n.as_str(), k.outputs(p));
+                outputs_of[*at] = Some(k.outputs(p));
             }
         }
         let mut stages = Vec::with_capacity(checked.len());
-        for ((sname, kind, params, paths), (_, decl)) in checked.into_iter().zip(expanded.stages.iter().filter(first_of_each_name())) {
+        let mut stage_names_at = Vec::with_capacity(checked.len());
+        for (at, kind, params, paths) in checked {
             let Some(kind) = kind else { continue };
+            stage_at[at] = stages.len();
+            stage_names_at.push(at);
+            let (sname, decl) = (names[at].clone(), &mut decls[at]);
+            let decl_inputs = std::mem::take(&mut decl.inputs);
             let decl_kind = kind.name();
-            let ports = kind.inputs();
-            let mut inputs = BTreeMap::new();
-            for (port, decl_in) in &decl.inputs {
+            let ports = &schemas[kind.name()].inputs;
+            let mut inputs = SortedMap::with_capacity(decl_inputs.len());
+            for (port, decl_in) in &decl_inputs {
                 // A `*` port accepts inputs under any name (the `command` kind's).
                 let Some(ps) = ports.iter().find(|p| &p.name == port).or_else(|| ports.iter().find(|p| p.name == "*")) else {
                     let known: Vec<&str> = ports.iter().map(|p| p.name.as_str()).collect();
@@ -263,15 +288,16 @@ impl Pipeline {
                     err(loc.field(&sname, "inputs", Some(port)), format!("stage `{sname}`: input `{port}` takes one artifact, not a list"), "a list", None);
                     continue;
                 }
-                let mut refs = Vec::new();
-                for r in decl_in.refs() {
+                let written = decl_in.refs();
+                let mut refs = Vec::with_capacity(written.len());
+                for r in written {
                     // Located only when there is an error to report.
                     let span = || loc.field(&sname, "inputs", Some(port));
                     let Some((up, out)) = spec::split_ref(r) else {
                         err(span(), format!("stage `{sname}`: input `{port}`: `{r}` is not of the form \"stage.output\""), "bad reference", None);
                         continue;
                     };
-                    let Some(up_outputs) = outputs_of.get(up) else {
+                    let Some(up_outputs) = seen.get(up).and_then(|&u| outputs_of[u].as_ref()) else {
                         if seen.contains_key(up) {
                             continue; // its own error (e.g. unknown kind) was reported
                         }
@@ -295,8 +321,8 @@ impl Pipeline {
                 }
                 inputs.insert(port.clone(), refs);
             }
-            for ps in &ports {
-                if ps.name != "*" && !ps.optional && !decl.inputs.contains_key(&ps.name) {
+            for ps in ports {
+                if ps.name != "*" && !ps.optional && !decl_inputs.contains_key(&ps.name) {
                     err(loc.stage(&sname), format!("stage `{sname}`: missing input `{}` ({})", ps.name, ps.ty), "in this stage", (!ps.doc.is_empty()).then(|| ps.doc.to_string()));
                 }
             }
@@ -308,60 +334,80 @@ impl Pipeline {
             stages.push(Stage { name: sname, kind, params, inputs, outputs, resources, paths, env, job, local });
         }
 
-        for s in &mut stages {
-            s.outputs = outputs_of.remove(s.name.as_str()).unwrap_or_default();
+        drop(decls);
+        for (s, &at) in stages.iter_mut().zip(&stage_names_at) {
+            s.outputs = outputs_of[at].take().unwrap_or_default();
         }
+        drop((outputs_of, stage_names_at));
 
         // Pass 3: the graph (node i is stage i). Cycles are reported with their path.
         let mut graph = DiGraph::with_capacity(stages.len(), stages.len());
-        let nodes: HashMap<&str, NodeIndex> = stages.iter().map(|s| (s.name.as_str(), graph.add_node(s.name.clone()))).collect();
         for s in &stages {
+            graph.add_node(s.name.clone());
+        }
+        for (i, s) in stages.iter().enumerate() {
             for r in s.inputs.values().flatten() {
-                if let Some(&from) = nodes.get(r.stage.as_str()) {
-                    graph.add_edge(from, nodes[s.name.as_str()], r.clone());
+                // Every reference kept in pass 2 names a checked stage.
+                if let Some(&from) = seen.get(r.stage.as_str()).map(|&u| &stage_at[u]).filter(|&&j| j != usize::MAX) {
+                    graph.add_edge(NodeIndex::new(from), NodeIndex::new(i), r.clone());
                 }
             }
         }
-        drop(nodes);
-        let order = match toposort(&graph, None) {
-            Ok(order) => order,
-            Err(_) => {
-                for scc in tarjan_scc(&graph) {
-                    let cyclic = scc.len() > 1 || graph.contains_edge(scc[0], scc[0]);
-                    if cyclic {
-                        let cycle = cycle_path(&graph, &scc);
-                        err(loc.stage(&cycle[0]), format!("the stages form a cycle: {}", cycle.join(" -> ")), "part of a cycle", Some("a pipeline must be a DAG: remove one of these inputs".into()));
-                    }
+        drop((seen, stage_at));
+        // Kahn's algorithm leaves out exactly the stages on or behind a cycle.
+        let order = file_ordered_topo(&graph);
+        if order.len() != graph.node_count() {
+            for scc in tarjan_scc(&graph) {
+                let cyclic = scc.len() > 1 || graph.contains_edge(scc[0], scc[0]);
+                if cyclic {
+                    let cycle = cycle_path(&graph, &scc);
+                    err(loc.stage(&cycle[0]), format!("the stages form a cycle: {}", cycle.join(" -> ")), "part of a cycle", Some("a pipeline must be a DAG: remove one of these inputs".into()));
                 }
-                Vec::new()
             }
-        };
+        }
         if !errors.is_empty() {
             return Err(mk(errors, &src));
         }
         // It borrows `src`, which the pipeline takes over below.
         drop(loc);
-        let _ = order;
-        let order = file_ordered_topo(&graph);
-        let mut by_node: Vec<Option<Stage>> = stages.into_iter().map(Some).collect();
-        let (stages, nodes): (Vec<Stage>, Vec<NodeIndex>) = order.iter().filter_map(|n| by_node[n.index()].take().map(|s| (s, *n))).unzip();
+        // Stages are usually declared upstream first: then file order is already
+        // topological and nothing is moved.
+        let (stages, nodes): (Vec<Stage>, Vec<NodeIndex>) = if order.iter().enumerate().all(|(i, n)| n.index() == i) {
+            (stages, order)
+        } else {
+            let mut by_node: Vec<Option<Stage>> = stages.into_iter().map(Some).collect();
+            order.iter().filter_map(|n| by_node[n.index()].take().map(|s| (s, *n))).unzip()
+        };
         let index = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
         let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
-        Ok(Pipeline { file: file.to_path_buf(), dir, source: Arc::new(src), backend: parsed.backend, executor: parsed.executor, stages, graph, index, nodes })
+        Ok(Pipeline { file: file.to_path_buf(), dir, source: Arc::new(src), backend, executor, stages, graph, index, nodes })
     }
 }
 
-/// A filter keeping the first declaration of each stage name (a repeated one is an
-/// error reported in pass 1 and has no checked stage).
-fn first_of_each_name<'a, T>() -> impl FnMut(&&'a (String, T)) -> bool {
-    let mut once = std::collections::HashSet::new();
-    move |(n, _)| once.insert(n.as_str())
+/// What checking a stage needs of its kind that does not depend on the stage: the
+/// parameter and input schemas and the canonical defaults, asked of the kind once
+/// per load rather than once per stage (a kind's schema is fixed).
+struct KindSchema {
+    params: Vec<ParamSpec>,
+    /// Parallel to `params`: the default, converted as a written value would be
+    /// (`None`: required; `Err`: a default that does not fit its type).
+    defaults: Vec<Option<Result<Value, String>>>,
+    inputs: Vec<PortSpec>,
+}
+
+impl KindSchema {
+    fn of(kind: &dyn StageKind) -> KindSchema {
+        let params = kind.params();
+        let defaults = params.iter().map(|ps| ps.default.as_ref().map(|d| convert(&to_ron(d), &ps.ty))).collect();
+        KindSchema { params, defaults, inputs: kind.inputs() }
+    }
 }
 
 /// Topological order that keeps file order among independent stages (Kahn's algorithm
 /// with the smallest ready index first), so output and scheduling follow the file.
-/// petgraph's `toposort` has already ruled out cycles; its own order is DFS-based.
+/// Stages on a cycle, and those downstream of one, are left out. (petgraph's
+/// `toposort` orders by DFS.)
 fn file_ordered_topo(graph: &DiGraph<String, OutputRef>) -> Vec<NodeIndex> {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;

@@ -23,14 +23,23 @@ pub struct Source {
     pub digest: Digest,
 }
 
-/// Stage -> param -> sources.
+/// Stage -> param -> sources. A `Path` parameter whose list is empty has no entry
+/// (every stage has one, often empty, so a map is not allocated for nothing); the
+/// stage's `paths` say which parameters are paths ([`stage_sources`]).
 pub type Sources = HashMap<String, BTreeMap<String, Vec<Source>>>;
+
+/// Every `Path` parameter of `stage` with its sources, empty lists included: what
+/// a job of the stage is given.
+pub fn stage_sources(stage: &Stage, sources: &Sources) -> BTreeMap<String, Vec<Source>> {
+    let resolved = sources.get(&stage.name);
+    stage.paths.keys().map(|k| (k.clone(), resolved.and_then(|r| r.get(k)).cloned().unwrap_or_default())).collect()
+}
 
 /// Hash every `Path` parameter of the pipeline (through the stat cache). A missing
 /// path is reported like any other error in the file.
 pub fn resolve_sources(p: &Pipeline, stat: &mut StatCache) -> Result<Sources, Box<SpecErrors>> {
     let loc = Locator::new(&p.source, p.stages.iter().map(|s| s.name.clone()));
-    let mut out = Sources::new();
+    let mut out = Sources::with_capacity(p.stages.len());
     let mut errors = Vec::new();
     for s in &p.stages {
         let mut per = BTreeMap::new();
@@ -48,7 +57,9 @@ pub fn resolve_sources(p: &Pipeline, stat: &mut StatCache) -> Result<Sources, Bo
                     }),
                 }
             }
-            per.insert(param.clone(), v);
+            if !v.is_empty() {
+                per.insert(param.clone(), v);
+            }
         }
         out.insert(s.name.clone(), per);
     }
@@ -229,7 +240,9 @@ pub fn save_refs(store: &Store, pipeline_file: &Path, refs: &Refs) -> Result<(),
 }
 
 /// The fingerprint of a stage given its upstream outputs; `None` for inputs whose
-/// producer has no known outputs yet (the stage is pending).
+/// producer has no known outputs yet (the stage is pending). `sources` are the
+/// stage's resolved `Path` parameters; one missing from it has no content (an empty
+/// list), and every `Path` parameter of the stage is recorded.
 pub fn fingerprint(
     stage: &Stage,
     sources: &BTreeMap<String, Vec<Source>>,
@@ -256,7 +269,7 @@ pub fn fingerprint(
         kind: stage.kind.name().to_string(),
         kind_version: stage.kind.version(),
         params,
-        sources: sources.iter().map(|(k, v)| (k.clone(), v.iter().map(|s| s.digest).collect())).collect(),
+        sources: stage.paths.keys().map(|k| (k.clone(), sources.get(k).map(|v| v.iter().map(|s| s.digest).collect()).unwrap_or_default())).collect(),
         inputs,
         env: stage.env.iter().map(|n| (n.clone(), std::env::var(n).ok())).collect(),
         backend: stage.kind.backend_sensitive().then(|| backend.to_string()),

@@ -1,6 +1,7 @@
 //! Canonical parameter values: what a RON parameter becomes after validation, the
 //! form that is hashed into keys (sorted maps, floats normalised) and shown by
-//! `explain`.
+//! `explain`. Also [`SortedMap`], the small sorted map a checked stage keeps its
+//! parameters, inputs and paths in.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -98,7 +99,7 @@ impl fmt::Display for Value {
 /// The validated parameters of one stage, defaults filled in.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct Params(pub BTreeMap<String, Value>);
+pub struct Params(pub SortedMap<String, Value>);
 
 impl Params {
     pub fn get(&self, name: &str) -> Option<&Value> {
@@ -203,5 +204,194 @@ impl Params {
     pub fn with(mut self, name: &str, v: impl Into<Value>) -> Self {
         self.0.insert(name.to_string(), v.into());
         self
+    }
+}
+
+/// A map kept as one vector sorted by key: iteration, `Debug` and serde behave as a
+/// `BTreeMap`'s (so canonical encodings and keys are the same), but a map of a few
+/// entries costs a few entries, not a whole B-tree node (about 0.5 KiB). A checked
+/// stage holds several such maps; at 10^5 stages the nodes dominated memory.
+/// Lookups are binary searches; inserting out of order is linear, which is what the
+/// small maps of a stage need (bulk building goes through `FromIterator`, a sort).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SortedMap<K, V>(Vec<(K, V)>);
+
+impl<K, V> Default for SortedMap<K, V> {
+    fn default() -> Self {
+        SortedMap(Vec::new())
+    }
+}
+
+impl<K: Ord, V> SortedMap<K, V> {
+    pub fn new() -> Self {
+        SortedMap(Vec::new())
+    }
+
+    pub fn with_capacity(n: usize) -> Self {
+        SortedMap(Vec::with_capacity(n))
+    }
+
+    fn find<Q: Ord + ?Sized>(&self, key: &Q) -> Result<usize, usize>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        self.0.binary_search_by(|(k, _)| k.borrow().cmp(key))
+    }
+
+    /// The position of `key`, for lookups: a scan of a few entries compares for
+    /// equality (a length check rejects most keys), cheaper than ordering them.
+    fn position<Q: Ord + ?Sized>(&self, key: &Q) -> Option<usize>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        if self.0.len() <= 8 { self.0.iter().position(|(k, _)| k.borrow() == key) } else { self.find(key).ok() }
+    }
+
+    /// Inserts or replaces, returning the value replaced (as `BTreeMap::insert`).
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        match self.find(&key) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                self.0.insert(i, (key, value));
+                None
+            }
+        }
+    }
+
+    pub fn get<Q: Ord + ?Sized>(&self, key: &Q) -> Option<&V>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        self.position(key).map(|i| &self.0[i].1)
+    }
+
+    pub fn get_mut<Q: Ord + ?Sized>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        self.position(key).map(|i| &mut self.0[i].1)
+    }
+
+    pub fn contains_key<Q: Ord + ?Sized>(&self, key: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        self.position(key).is_some()
+    }
+
+    pub fn remove<Q: Ord + ?Sized>(&mut self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        self.find(key).ok().map(|i| self.0.remove(i).1)
+    }
+}
+
+impl<K, V> SortedMap<K, V> {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear()
+    }
+
+    /// Entries in key order.
+    pub fn iter(&self) -> Iter<'_, K, V> {
+        fn pair<K, V>(e: &(K, V)) -> (&K, &V) {
+            (&e.0, &e.1)
+        }
+        self.0.iter().map(pair as fn(&(K, V)) -> (&K, &V))
+    }
+
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &K> + ExactSizeIterator {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &V> + ExactSizeIterator {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    pub fn values_mut(&mut self) -> impl DoubleEndedIterator<Item = &mut V> + ExactSizeIterator {
+        self.0.iter_mut().map(|(_, v)| v)
+    }
+}
+
+/// Borrowing iterator of a [`SortedMap`], in key order.
+pub type Iter<'a, K, V> = std::iter::Map<std::slice::Iter<'a, (K, V)>, fn(&'a (K, V)) -> (&'a K, &'a V)>;
+
+impl<'a, K, V> IntoIterator for &'a SortedMap<K, V> {
+    type Item = (&'a K, &'a V);
+    type IntoIter = Iter<'a, K, V>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl<K, V> IntoIterator for SortedMap<K, V> {
+    type Item = (K, V);
+    type IntoIter = std::vec::IntoIter<(K, V)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<K: Ord, V> FromIterator<(K, V)> for SortedMap<K, V> {
+    /// A repeated key keeps its last value, as collecting into a `BTreeMap` does.
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut v: Vec<(K, V)> = iter.into_iter().collect();
+        // Stable: among equal keys the last one collected ends up last.
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out: Vec<(K, V)> = Vec::with_capacity(v.len());
+        for (k, x) in v {
+            match out.last_mut() {
+                Some(last) if last.0 == k => last.1 = x,
+                _ => out.push((k, x)),
+            }
+        }
+        out.shrink_to_fit();
+        SortedMap(out)
+    }
+}
+
+impl<K: Ord, V> Extend<(K, V)> for SortedMap<K, V> {
+    fn extend<I: IntoIterator<Item = (K, V)>>(&mut self, iter: I) {
+        for (k, v) in iter {
+            self.insert(k, v);
+        }
+    }
+}
+
+impl<K: Ord, V> From<BTreeMap<K, V>> for SortedMap<K, V> {
+    fn from(m: BTreeMap<K, V>) -> Self {
+        SortedMap(m.into_iter().collect())
+    }
+}
+
+impl<K: Ord, V, const N: usize> From<[(K, V); N]> for SortedMap<K, V> {
+    fn from(a: [(K, V); N]) -> Self {
+        a.into_iter().collect()
+    }
+}
+
+impl<K: fmt::Debug, V: fmt::Debug> fmt::Debug for SortedMap<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl<K: Serialize, V: Serialize> Serialize for SortedMap<K, V> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de, K: Ord + Deserialize<'de>, V: Deserialize<'de>> Deserialize<'de> for SortedMap<K, V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(BTreeMap::<K, V>::deserialize(d)?.into())
     }
 }

@@ -2,7 +2,8 @@
 //! `regen.py`) loaded through the `pretrained` mechanism must give timm's eval-mode
 //! logits within 1e-4 on flex: Swin-V2 (shifted windows and masks exercised; the
 //! position bias recomputed for a larger window) and the ViT (class token and mean
-//! pooling with `fc_norm`; position embeddings resampled to other image sizes).
+//! pooling with `fc_norm`; position embeddings resampled to other image sizes), and
+//! MMPretrain's Swin-V2 from its `.pth`; with the `wgpu` feature, on wgpu too.
 
 use std::path::{Path, PathBuf};
 
@@ -76,6 +77,60 @@ fn swinv2_matches_timm_logits() {
         let diff = max_diff(&got, &want);
         eprintln!("{case}: {} tensors, max |logit difference| {diff:.3e}", report.loaded.len());
         assert!(diff < TOLERANCE, "{case}: max logit difference {diff}\ngot  {got:?}\nwant {want:?}");
+    }
+}
+
+/// MMPretrain's own Swin-V2 (`swinv2_mm`: its names, its `nn.Unfold` order of patch
+/// merging's columns) from a `torch.save` checkpoint as mmengine writes it, loaded the
+/// way `train` loads `pretrained`.
+#[test]
+fn swinv2_matches_mmpretrain_logits_from_a_pth_checkpoint() {
+    let config = fixture_swin(32, 4, 0);
+    for file in ["swinv2_mm.pth"] {
+        let path = fixtures().join(file);
+        let (net, report) = match Backbone::Swinv2(config.init::<Flex>(&Default::default())).load_pretrained(&path).unwrap() {
+            (Backbone::Swinv2(net), report) => (net, report),
+            _ => unreachable!(),
+        };
+        assert!(report.new.is_empty(), "{}", report.summary());
+        assert_eq!(report.unused, vec!["head.fc.bias".to_string(), "head.fc.weight".to_string()], "{}", report.summary());
+        let (x, want) = reference("swinv2_mm");
+        let got = head(&fixtures().join("reference.safetensors"), "swinv2_mm.head", net.forward(x));
+        let diff = max_diff(&got, &want);
+        eprintln!("{file}: {} tensors, max |logit difference| {diff:.3e}", report.loaded.len());
+        assert!(diff < TOLERANCE, "{file}: max logit difference {diff}\ngot  {got:?}\nwant {want:?}");
+    }
+}
+
+/// The same fixtures on wgpu (CI runs this on lavapipe, a software Vulkan driver): timm's
+/// Swin-V2 and ViT and MMPretrain's Swin-V2, loaded as `train` loads them, give the
+/// reference logits within the same 1e-4.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_matches_timm_and_mmpretrain_logits() {
+    use burn::backend::wgpu::{Wgpu, WgpuDevice};
+    let wdev = WgpuDevice::default();
+    let swin = || Backbone::Swinv2(fixture_swin(32, 4, 0).init::<Wgpu>(&wdev));
+    let vit = || Backbone::Vit(fixture_vit(32, VitPool::Cls).init::<Wgpu>(3, 32, 32, &wdev));
+    let cases: [(&str, &str, &str, Backbone<Wgpu>); 3] = [
+        ("swinv2", "swinv2.safetensors", "swinv2.safetensors:head.fc", swin()),
+        ("swinv2_mm", "swinv2_mm.pth", "reference.safetensors:swinv2_mm.head", swin()),
+        ("vit_token", "vit_token.safetensors", "vit_token.safetensors:head", vit()),
+    ];
+    for (case, file, head_at, backbone) in cases {
+        let (backbone, _) = backbone.load_pretrained(&fixtures().join(file)).unwrap();
+        let (x, want) = reference(case);
+        let x = Tensor::<Wgpu, 4>::from_data(x.into_data(), &wdev);
+        let features = match &backbone {
+            Backbone::Swinv2(m) => m.forward(x),
+            Backbone::Vit(m) => m.forward(x),
+            _ => unreachable!(),
+        };
+        let features = Tensor::<Flex, 2>::from_data(features.into_data(), &Default::default());
+        let (head_file, prefix) = head_at.split_once(':').unwrap();
+        let diff = max_diff(&head(&fixtures().join(head_file), prefix, features), &want);
+        eprintln!("{case} on wgpu: max |logit difference| {diff:.3e}");
+        assert!(diff < TOLERANCE, "{case} on wgpu: max logit difference {diff}");
     }
 }
 
@@ -195,11 +250,35 @@ fn bad_swinv2_checkpoints_fail_with_the_tensors_name_and_write_nothing() {
     let err = run(&missing, swin_train_params(&missing), "missing");
     assert!(err.contains("missing from the file") && err.contains("`layers.1.downsample.norm.weight`"), "{err}");
 
-    // Not a safetensors file.
+    // Not a weights file; one that looks like a zip (torch.save) but is not; one cut short.
     let junk = t.path().join("junk.safetensors");
-    std::fs::write(&junk, b"PK\x03\x04 this is a zip, not safetensors").unwrap();
+    std::fs::write(&junk, b"this is text, not weights").unwrap();
     let err = run(&junk, swin_train_params(&junk), "junk");
     assert!(err.contains("junk.safetensors") && err.contains("not a safetensors file"), "{err}");
+    let zip = t.path().join("zip.pth");
+    std::fs::write(&zip, b"PK\x03\x04 this is a zip, not a checkpoint").unwrap();
+    let err = run(&zip, swin_train_params(&zip), "zip");
+    assert!(err.contains("zip.pth") && err.contains("not a readable PyTorch checkpoint"), "{err}");
+    // The legacy torch.save format is refused whole (its reader would pad a cut-short
+    // tensor with zeros).
+    let legacy = fixtures().join("swinv2_mm_legacy.pth");
+    let err = run(&legacy, swin_train_params(&legacy), "legacy");
+    assert!(err.contains("swinv2_mm_legacy.pth") && err.contains("legacy format") && err.contains("torch.save(torch.load(f), f)"), "{err}");
+    // A damaged byte inside a zip checkpoint's tensor data fails its CRC-32.
+    let mut bytes = std::fs::read(fixtures().join("swinv2_mm.pth")).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    let flipped = t.path().join("flipped.pth");
+    std::fs::write(&flipped, bytes).unwrap();
+    let err = run(&flipped, swin_train_params(&flipped), "flipped");
+    assert!(err.contains("flipped.pth") && err.contains("not a readable PyTorch checkpoint"), "{err}");
+    for source in ["swinv2.safetensors", "swinv2_mm.pth"] {
+        let bytes = std::fs::read(fixtures().join(source)).unwrap();
+        let cut = t.path().join(format!("cut-{source}"));
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        let err = run(&cut, swin_train_params(&cut), &format!("out-cut-{source}"));
+        assert!(err.contains(&format!("cut-{source}")) && (err.contains("not a safetensors file") || err.contains("not a readable PyTorch checkpoint")), "{source}: {err}");
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cnn::{Cnn, CnnConfig};
 use super::efficientnet::{EfficientNet, EfficientNetConfig};
-use super::pretrained::{LoadReport, load_pretrained, load_pretrained_named, load_tensors, read_tensors};
+use super::pretrained::{LoadReport, load_pretrained, load_tensors, read_tensors};
 use fgflow_engine::StageError;
 use super::head::{Head, HeadConfig};
 use super::loss::LossConfig;
@@ -153,7 +153,11 @@ impl<B: Backend> Backbone<B> {
                 let file = super::vit::adapt_checkpoint(file, &m).map_err(fail)?;
                 load_tensors(m, &file, &|name: &str| name.to_string()).map(|(m, r)| (Backbone::Vit(m), r)).map_err(fail)?
             }
-            Backbone::Swinv2(m) => load_pretrained_named(m, path, &super::swinv2::timm_name).map(|(m, r)| (Backbone::Swinv2(m), r))?,
+            Backbone::Swinv2(m) => {
+                let fail = |e: String| StageError::failed(format!("{}: {e}", path.display()));
+                let file = super::swinv2::adapt_checkpoint(read_tensors(path)?).map_err(fail)?;
+                load_tensors(m, &file, &super::swinv2::timm_name).map(|(m, r)| (Backbone::Swinv2(m), r)).map_err(fail)?
+            }
             Backbone::EfficientnetLite(m) => load_pretrained(m, path).map(|(m, r)| (Backbone::EfficientnetLite(m), r))?,
         };
         if report.loaded.is_empty() {

@@ -23,8 +23,8 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use fgflow_engine::StageError;
-pub use safetensors::Dtype;
-use safetensors::SafeTensors;
+use burn_store::pytorch::{PytorchError, PytorchReader};
+use safetensors::{Dtype, SafeTensors};
 
 /// What a load did, by tensor name.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -43,21 +43,50 @@ impl LoadReport {
     }
 }
 
-/// A tensor of a weights file: its shape and, when it is float32, its values.
+/// A tensor of a weights file: its shape and, when it is a float tensor, its values as
+/// f32 (half and double precision are converted).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FileTensor {
     pub shape: Vec<usize>,
-    /// `Err(dtype)` for a tensor of another type: an error only if the module uses it.
-    pub values: Result<Vec<f32>, Dtype>,
+    /// `Err(dtype)` for a tensor of another type (integer buffers such as BatchNorm's
+    /// `num_batches_tracked`): an error only if the module uses it.
+    pub values: Result<Vec<f32>, String>,
 }
 
 /// The tensors of a weights file by name.
 pub type FileTensors = BTreeMap<String, FileTensor>;
 
-/// Read every tensor of a safetensors file.
+/// Read every tensor of a weights file: safetensors, or a PyTorch checkpoint written by
+/// `torch.save` (its zip format, PyTorch 1.6 and later), whose `state_dict` entry is
+/// taken when it has one (MMPretrain and mmengine keep the weights there, beside `meta`).
+/// The format is recognised by content, not by the file's extension.
 pub fn read_tensors(path: &Path) -> Result<FileTensors, StageError> {
+    let mut head = [0u8; 9];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
+    let head = &head[..n];
+    // safetensors: an 8-byte header length, then the JSON header.
+    let safetensors = head.len() == 9 && head[8] == b'{';
+    // torch.save: a zip archive, or (before PyTorch 1.6) a pickle, protocol 2.
+    if !safetensors && head.starts_with(b"PK\x03\x04") {
+        read_torch(path)
+    } else if !safetensors && head.starts_with(&[0x80, 0x02]) {
+        Err(StageError::failed(format!(
+            "{}: a PyTorch checkpoint in the legacy format (torch.save before PyTorch 1.6), which fgflow does not read: \
+             nothing in it tells a cut-short file from a whole one. Re-save it with a current PyTorch \
+             (`torch.save(torch.load(f), f)`) or convert it to safetensors",
+            path.display()
+        )))
+    } else {
+        read_safetensors(path)
+    }
+}
+
+fn read_safetensors(path: &Path) -> Result<FileTensors, StageError> {
     let bytes = std::fs::read(path).map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| StageError::failed(format!("{}: not a safetensors file: {e}", path.display())))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| StageError::failed(format!("{}: not a safetensors file ({e}) nor a PyTorch checkpoint", path.display())))?;
     Ok(st
         .tensors()
         .into_iter()
@@ -65,11 +94,47 @@ pub fn read_tensors(path: &Path) -> Result<FileTensors, StageError> {
             let values = if view.dtype() == Dtype::F32 {
                 Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
             } else {
-                Err(view.dtype())
+                Err(format!("{:?}", view.dtype()))
             };
             (name, FileTensor { shape: view.shape().to_vec(), values })
         })
         .collect())
+}
+
+/// Through burn-store's PyTorch reader, which follows the stored strides of each
+/// tensor (views over permuted storage read as written). That reader fills a tensor
+/// whose bytes are missing with zeros rather than failing, so the archive is checked
+/// first: every entry read to its end, which verifies its CRC-32 (a file cut short or
+/// damaged fails here, naming the entry). The legacy format (before PyTorch 1.6) has no
+/// such check to lean on and is refused.
+fn read_torch(path: &Path) -> Result<FileTensors, StageError> {
+    let fail = |e: &dyn std::fmt::Display| StageError::failed(format!("{}: not a readable PyTorch checkpoint: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
+    let mut archive = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| fail(&e))?;
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).map_err(|e| fail(&e))?;
+        let name = entry.name().to_string();
+        std::io::copy(&mut entry, &mut std::io::sink()).map_err(|e| fail(&format!("entry `{name}`: {e}")))?;
+    }
+    let reader = match PytorchReader::with_top_level_key(path, "state_dict") {
+        Ok(r) => r,
+        Err(PytorchError::KeyNotFound(_)) => PytorchReader::new(path).map_err(|e| fail(&e))?,
+        Err(e) => return Err(fail(&e)),
+    };
+    reader
+        .into_tensors()
+        .into_iter()
+        .map(|(name, snap)| {
+            let shape: Vec<usize> = snap.shape.iter().copied().collect();
+            let values = if snap.dtype.is_float() {
+                let data = snap.to_data().map_err(|e| fail(&format!("tensor `{name}`: {e:?}")))?;
+                Ok(data.convert::<f32>().into_vec::<f32>().map_err(|e| fail(&format!("tensor `{name}`: {e:?}")))?)
+            } else {
+                Err(format!("{:?}", snap.dtype))
+            };
+            Ok((name, FileTensor { shape, values }))
+        })
+        .collect()
 }
 
 /// Load every tensor of `module` that `path` names. Errors on an unreadable file, a
@@ -135,7 +200,7 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_> {
         let values = match values {
             Ok(v) => v.clone(),
             Err(dtype) => {
-                self.error = Some(format!("tensor `{name}` is {dtype:?}, only F32 is read"));
+                self.error = Some(format!("tensor `{name}` is {dtype}, not a float tensor"));
                 return Param::from_mapped_value(id, tensor, mapper);
             }
         };

@@ -24,6 +24,10 @@
 //! the only names that differ are LayerNorm's `gamma`/`beta` and the position-bias MLP's
 //! layers, which [`timm_name`] maps. Feature maps must be multiples of their window
 //! (timm pads; fgflow refuses such sizes in `check`).
+//!
+//! MMPretrain's checkpoints (the seed trained with MMPretrain) name the same tensors
+//! differently and store patch merging's `reduction` columns in another order;
+//! [`adapt_checkpoint`] brings them to timm's layout before loading.
 
 use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -34,6 +38,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::norm::LayerNorm;
+use super::pretrained::{FileTensor, FileTensors};
 
 /// LayerNorm epsilon of timm's Swin-V2 (torch's default).
 const LN_EPS: f64 = 1e-5;
@@ -218,6 +223,89 @@ pub fn timm_name(path: &str) -> String {
     } else {
         name
     }
+}
+
+/// Whether a checkpoint's names are MMPretrain's (`backbone.stages.N.blocks.M.attn.w_msa`,
+/// `patch_embed.projection`) rather than timm's.
+pub fn is_mmpretrain(file: &FileTensors) -> bool {
+    file.keys().any(|k| k.starts_with("backbone.") || k.contains(".attn.w_msa.") || k.starts_with("patch_embed.projection."))
+}
+
+/// A checkpoint in timm's names and layout, whichever of timm's or MMPretrain's it came
+/// in. MMPretrain (`mmpretrain.models.SwinTransformerV2`, as saved by mmengine):
+///
+/// | MMPretrain | timm |
+/// |---|---|
+/// | `backbone.` prefix | none |
+/// | `patch_embed.projection` | `patch_embed.proj` |
+/// | `stages.N` | `layers.N` (both open stage N > 0 with `downsample`) |
+/// | `attn.w_msa.{qkv,q_bias,v_bias,logit_scale,cpb_mlp,proj}` | `attn.*` |
+/// | `ffn.layers.0.0`, `ffn.layers.1` | `mlp.fc1`, `mlp.fc2` |
+/// | `norm{i}` for the last stage i (its `out_indices`) | `norm` |
+/// | `relative_coords_table`, `relative_position_index` | computed here, dropped |
+///
+/// Patch merging: MMPretrain gathers each 2x2 neighbourhood with `nn.Unfold`, so input
+/// column `c*4 + dy*2 + dx` of `reduction` reads channel c at row offset dy, column
+/// offset dx; timm's reshape makes it column `dx*2C + dy*C + c`. The columns are
+/// permuted accordingly (the inverse of MMPretrain's own `swin2mmpretrain.py`
+/// `correct_unfold_reduction_order`). Norms come after the reduction in Swin-V2, so
+/// they need no change. A timm checkpoint is returned unchanged.
+pub fn adapt_checkpoint(file: FileTensors) -> Result<FileTensors, String> {
+    if !is_mmpretrain(&file) {
+        return Ok(file);
+    }
+    let strip = |k: &str| k.strip_prefix("backbone.").unwrap_or(k).to_string();
+    let last_stage = file
+        .keys()
+        .filter_map(|k| strip(k).strip_prefix("stages.")?.split('.').next()?.parse::<usize>().ok())
+        .max();
+    let final_norm = last_stage.map(|i| format!("norm{i}."));
+    let mut out = FileTensors::new();
+    for (name, tensor) in file {
+        let mut n = strip(&name);
+        if n.ends_with("relative_coords_table") || n.ends_with("relative_position_index") {
+            continue;
+        }
+        if let Some(rest) = final_norm.as_deref().and_then(|p| n.strip_prefix(p)) {
+            n = format!("norm.{rest}");
+        }
+        if let Some(rest) = n.strip_prefix("stages.") {
+            n = format!("layers.{rest}");
+        }
+        n = n
+            .replace("patch_embed.projection.", "patch_embed.proj.")
+            .replace(".attn.w_msa.", ".attn.")
+            .replace(".ffn.layers.0.0.", ".mlp.fc1.")
+            .replace(".ffn.layers.1.", ".mlp.fc2.");
+        let tensor = if n.ends_with(".downsample.reduction.weight") { unfold_to_timm(&n, tensor)? } else { tensor };
+        if out.insert(n.clone(), tensor).is_some() {
+            return Err(format!("MMPretrain checkpoint: two tensors map to `{n}`"));
+        }
+    }
+    Ok(out)
+}
+
+/// Patch merging's `reduction` weight [out, 4C] from MMPretrain's column order to timm's.
+fn unfold_to_timm(name: &str, t: FileTensor) -> Result<FileTensor, String> {
+    let (rows, cols) = match t.shape[..] {
+        [r, c] if c % 4 == 0 => (r, c),
+        _ => return Err(format!("tensor `{name}` has shape {:?}, patch merging's reduction needs [out, 4 x channels]", t.shape)),
+    };
+    let c = cols / 4;
+    let values = t.values.map(|v| {
+        let mut w = vec![0.0f32; v.len()];
+        for r in 0..rows {
+            for ch in 0..c {
+                for dy in 0..2 {
+                    for dx in 0..2 {
+                        w[r * cols + dx * 2 * c + dy * c + ch] = v[r * cols + ch * 4 + dy * 2 + dx];
+                    }
+                }
+            }
+        }
+        w
+    });
+    Ok(FileTensor { shape: t.shape, values })
 }
 
 /// A linear layer in torch's layout: weight [out, in], y = x W^T + b, so timm's

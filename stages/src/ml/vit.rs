@@ -340,7 +340,7 @@ fn rows(t: &FileTensor, start: usize, len: usize) -> FileTensor {
     let mut shape = t.shape.clone();
     let inner: usize = shape.iter().skip(1).product();
     shape[0] = len;
-    let values = t.values.as_ref().map(|v| v[start * inner..(start + len) * inner].to_vec()).map_err(|d| *d);
+    let values = t.values.as_ref().map(|v| v[start * inner..(start + len) * inner].to_vec()).map_err(|d| d.clone());
     FileTensor { shape, values }
 }
 
