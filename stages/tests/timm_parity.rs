@@ -51,6 +51,14 @@ fn max_diff(got: &[f32], want: &[f32]) -> f32 {
     got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
 }
 
+/// Logits against the reference's within [`TOLERANCE`]; `what` names the case (and how
+/// many tensors it loaded) in the printed difference and the failure.
+fn assert_logits(what: &str, got: &[f32], want: &[f32]) {
+    let diff = max_diff(got, want);
+    eprintln!("{what}: max |logit difference| {diff:.3e}");
+    assert!(diff < TOLERANCE, "{what}: max logit difference {diff}\ngot  {got:?}\nwant {want:?}");
+}
+
 fn fixture_swin(resolution: usize, window: usize, pretrained_window: usize) -> SwinV2Config {
     SwinV2Config {
         resolution,
@@ -74,9 +82,7 @@ fn swinv2_matches_timm_logits() {
         assert_eq!(report.unused, vec!["head.fc.bias".to_string(), "head.fc.weight".to_string()], "{}", report.summary());
         let (x, want) = reference(case);
         let got = head(&file, "head.fc", net.forward(x));
-        let diff = max_diff(&got, &want);
-        eprintln!("{case}: {} tensors, max |logit difference| {diff:.3e}", report.loaded.len());
-        assert!(diff < TOLERANCE, "{case}: max logit difference {diff}\ngot  {got:?}\nwant {want:?}");
+        assert_logits(&format!("{case}: {} tensors", report.loaded.len()), &got, &want);
     }
 }
 
@@ -85,21 +91,16 @@ fn swinv2_matches_timm_logits() {
 /// way `train` loads `pretrained`.
 #[test]
 fn swinv2_matches_mmpretrain_logits_from_a_pth_checkpoint() {
-    let config = fixture_swin(32, 4, 0);
-    for file in ["swinv2_mm.pth"] {
-        let path = fixtures().join(file);
-        let (net, report) = match Backbone::Swinv2(config.init::<Flex>(&Default::default())).load_pretrained(&path).unwrap() {
-            (Backbone::Swinv2(net), report) => (net, report),
-            _ => unreachable!(),
-        };
-        assert!(report.new.is_empty(), "{}", report.summary());
-        assert_eq!(report.unused, vec!["head.fc.bias".to_string(), "head.fc.weight".to_string()], "{}", report.summary());
-        let (x, want) = reference("swinv2_mm");
-        let got = head(&fixtures().join("reference.safetensors"), "swinv2_mm.head", net.forward(x));
-        let diff = max_diff(&got, &want);
-        eprintln!("{file}: {} tensors, max |logit difference| {diff:.3e}", report.loaded.len());
-        assert!(diff < TOLERANCE, "{file}: max logit difference {diff}\ngot  {got:?}\nwant {want:?}");
-    }
+    let path = fixtures().join("swinv2_mm.pth");
+    let (net, report) = match Backbone::Swinv2(fixture_swin(32, 4, 0).init::<Flex>(&Default::default())).load_pretrained(&path).unwrap() {
+        (Backbone::Swinv2(net), report) => (net, report),
+        _ => unreachable!(),
+    };
+    assert!(report.new.is_empty(), "{}", report.summary());
+    assert_eq!(report.unused, vec!["head.fc.bias".to_string(), "head.fc.weight".to_string()], "{}", report.summary());
+    let (x, want) = reference("swinv2_mm");
+    let got = head(&fixtures().join("reference.safetensors"), "swinv2_mm.head", net.forward(x));
+    assert_logits(&format!("swinv2_mm.pth: {} tensors", report.loaded.len()), &got, &want);
 }
 
 /// The same fixtures on wgpu (CI runs this on lavapipe, a software Vulkan driver): timm's
@@ -128,9 +129,7 @@ fn wgpu_matches_timm_and_mmpretrain_logits() {
         };
         let features = Tensor::<Flex, 2>::from_data(features.into_data(), &Default::default());
         let (head_file, prefix) = head_at.split_once(':').unwrap();
-        let diff = max_diff(&head(&fixtures().join(head_file), prefix, features), &want);
-        eprintln!("{case} on wgpu: max |logit difference| {diff:.3e}");
-        assert!(diff < TOLERANCE, "{case} on wgpu: max logit difference {diff}");
+        assert_logits(&format!("{case} on wgpu"), &head(&fixtures().join(head_file), prefix, features), &want);
     }
 }
 
@@ -159,9 +158,7 @@ fn vit_matches_timm_logits_with_class_token_and_mean_pooling() {
         assert_eq!(report.unused, vec!["head.bias".to_string(), "head.weight".to_string()], "{}", report.summary());
         let (x, want) = reference(case);
         let got = head(&file, "head", vit.forward(x));
-        let diff = max_diff(&got, &want);
-        eprintln!("{case}: {} tensors, max |logit difference| {diff:.3e}", report.loaded.len());
-        assert!(diff < TOLERANCE, "{case}: max logit difference {diff}\ngot  {got:?}\nwant {want:?}");
+        assert_logits(&format!("{case}: {} tensors", report.loaded.len()), &got, &want);
     }
 }
 

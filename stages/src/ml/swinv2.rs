@@ -227,7 +227,7 @@ pub fn timm_name(path: &str) -> String {
 
 /// Whether a checkpoint's names are MMPretrain's (`backbone.stages.N.blocks.M.attn.w_msa`,
 /// `patch_embed.projection`) rather than timm's.
-pub fn is_mmpretrain(file: &FileTensors) -> bool {
+fn is_mmpretrain(file: &FileTensors) -> bool {
     file.keys().any(|k| k.starts_with("backbone.") || k.contains(".attn.w_msa.") || k.starts_with("patch_embed.projection."))
 }
 
