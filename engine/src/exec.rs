@@ -302,7 +302,7 @@ fn execute_one(
     }
     let previous = last_key.and_then(|k| store.get_entry(k).ok().flatten()).map(|e| (e.key, e));
     let prev_recorded = previous.as_ref().and_then(|(k, e)| serde_json::from_value::<Recorded>(e.fingerprint.clone()).ok().map(|r| (*k, r)));
-    let reasons = plan::stale_reasons(&prev_recorded, &fp, &origins, key, last_key);
+    let reasons = plan::stale_reasons(prev_recorded.as_ref(), &fp, &origins, key, last_key);
     let _heavy = (executor.in_process() && stage.resources != Resources::Light).then(|| heavy.lock().unwrap_or_else(|e| e.into_inner()));
     obs.event(&Event::Started { stage: name.clone(), key, reasons: reasons.clone() });
     let job = Job {

@@ -5,9 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use indexmap::IndexMap;
-
-use crate::spec::{InputDecl, StageDecl, StageMap};
+use crate::spec::{Entries, InputDecl, Raw, StageDecl, StageMap};
 
 /// A problem found while expanding: (declaration name, section, field, message).
 pub type ExpandError = (String, &'static str, Option<String>, String);
@@ -23,6 +21,11 @@ pub struct Expanded {
 }
 
 pub fn expand(map: StageMap) -> Expanded {
+    // Nothing to expand (the usual long generated file): the declarations are the
+    // stages as they are, and their vector is not copied.
+    if map.0.iter().all(|(_, d)| d.extends.is_none() && d.foreach.is_none() && !d.template && d.kind.is_some()) {
+        return Expanded { stages: map.0, origin: HashMap::new(), errors: Vec::new() };
+    }
     // Only declarations that something `extends` are looked up by name; the last one
     // of a repeated name is the base (as a map of all declarations would keep it).
     let wanted: HashSet<&str> = map.0.iter().filter_map(|(_, d)| d.extends.as_deref()).collect();
@@ -82,7 +85,7 @@ pub fn expand(map: StageMap) -> Expanded {
                     let mut d = resolved.clone();
                     d.foreach = None;
                     d.params = d.params.iter().map(|(k, v)| (k.clone(), subst_value(v, &sub, i))).collect();
-                    let mut inputs = IndexMap::new();
+                    let mut inputs = Entries::default();
                     for (port, decl_in) in &resolved.inputs {
                         let mentions_prev = decl_in.refs().iter().any(|r| r.contains("{prev_item}"));
                         let chosen = if mentions_prev && prev.is_none() {
@@ -103,11 +106,13 @@ pub fn expand(map: StageMap) -> Expanded {
                     }
                     if prev.is_none() {
                         for (port, f) in &resolved.first {
-                            inputs.entry(port.clone()).or_insert_with(|| f.clone());
+                            if !inputs.contains_key(port) {
+                                inputs.insert(port.clone(), f.clone());
+                            }
                         }
                     }
                     d.inputs = inputs;
-                    d.first = IndexMap::new();
+                    d.first = Entries::default();
                     let full = format!("{name}@{item}");
                     origin.insert(full.clone(), name.clone());
                     stages.push((full, d));
@@ -168,18 +173,12 @@ fn inherit(name: &str, decl: StageDecl, decls: &HashMap<String, StageDecl>) -> R
     Ok(out)
 }
 
-fn subst_value(v: &ron::Value, sub: &dyn Fn(&str) -> String, index: usize) -> ron::Value {
+fn subst_value(v: &Raw, sub: &dyn Fn(&str) -> String, index: usize) -> Raw {
     match v {
-        ron::Value::String(s) if s == "{index}" => ron::Value::Number(ron::Number::I64(index as i64)),
-        ron::Value::String(s) => ron::Value::String(sub(s)),
-        ron::Value::Seq(items) => ron::Value::Seq(items.iter().map(|x| subst_value(x, sub, index)).collect()),
-        ron::Value::Map(m) => {
-            let mut out = ron::Map::new();
-            for (k, x) in m.iter() {
-                out.insert(k.clone(), subst_value(x, sub, index));
-            }
-            ron::Value::Map(out)
-        }
+        Raw::Str(s) if s == "{index}" => Raw::Int(index as i64),
+        Raw::Str(s) => Raw::Str(sub(s)),
+        Raw::Seq(items) => Raw::Seq(items.iter().map(|x| subst_value(x, sub, index)).collect()),
+        Raw::Map(m) => Raw::Map(m.iter().map(|(k, x)| (k.clone(), subst_value(x, sub, index))).collect()),
         other => other.clone(),
     }
 }

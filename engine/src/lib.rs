@@ -11,6 +11,7 @@ pub mod kind;
 pub mod pipeline;
 pub mod plan;
 pub mod registry;
+mod scan;
 pub mod slurm;
 pub mod spec;
 pub mod value;

@@ -3,7 +3,7 @@
 //! and the stages put in a petgraph DAG in topological order. Every problem in the
 //! file is collected into one `SpecErrors`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use crate::expand::expand;
 use crate::diagnostic::{Locator, MAX_VALUE_BYTES, SpecError, SpecErrors, needs_escape, offset_of, shown};
 use crate::kind::{ParamSpec, ParamType, PortSpec, Resources, StageKind};
 use crate::registry::Registry;
-use crate::spec::{self, InputDecl};
+use crate::spec::{self, InputDecl, Raw};
 use crate::value::{Params, SortedMap, Value};
 
 /// The longest stage name accepted (`foreach` names `name@item` included).
@@ -148,19 +148,25 @@ impl Pipeline {
         if expanded.stages.is_empty() && expanded.errors.is_empty() {
             err(loc.top_level("stages"), "the pipeline declares no stage".into(), "empty", Some("a pipeline needs at least one stage that is not a template".into()));
         }
-        let (names, mut decls): (Vec<String>, Vec<spec::StageDecl>) = expanded.stages.into_iter().unzip();
+        // The names are taken out of the declarations (not the declarations copied):
+        // `seen` below keeps one copy of each name, each stage the other.
+        let mut decls = expanded.stages;
+        let mut names: Vec<String> = decls.iter_mut().map(|(n, _)| std::mem::take(n)).collect();
 
         // Pass 1: kinds and parameters, stage by stage. Each declaration's parameters
         // are converted and dropped here; what pass 2 reads (inputs, resources) stays.
         // Name -> position of its first declaration in `names`: the one name lookup of
         // the load (outputs, graph nodes and references all go through positions).
-        let mut seen: HashMap<&str, usize> = HashMap::with_capacity(names.len());
+        let mut seen: HashMap<String, usize> = HashMap::with_capacity(names.len());
         let mut schemas: HashMap<&'static str, KindSchema> = HashMap::new();
         let mut checked: Vec<(usize, Option<Arc<dyn StageKind>>, Params, SortedMap<String, Vec<String>>)> = Vec::with_capacity(names.len());
-        for (at, (sname, decl)) in names.iter().zip(decls.iter_mut()).enumerate() {
+        // Which of the kind's parameters the stage wrote (converted or not): reused.
+        let mut written: Vec<bool> = Vec::new();
+        for (at, (sname, (_, decl))) in names.iter().zip(decls.iter_mut()).enumerate() {
             let decl_params = std::mem::take(&mut decl.params);
-            let decl_kind = decl.kind.as_deref().unwrap_or_default();
-            match seen.entry(sname.as_str()) {
+            let decl_kind = decl.kind.take().unwrap_or_default();
+            let decl_kind = decl_kind.as_str();
+            match seen.entry(sname.clone()) {
                 std::collections::hash_map::Entry::Occupied(_) => {
                     err(loc.stage(sname), format!("stage `{sname}` is defined twice"), "second definition", Some("stage names must be unique".into()));
                     continue;
@@ -192,32 +198,36 @@ impl Pipeline {
             // One canonical form for every parameter, written or defaulted: the value
             // goes through `convert`, then `Path` values are set aside as sources. So
             // writing a default explicitly never changes a key.
-            let mut params = SortedMap::new();
-            for (pname, raw) in &decl_params {
-                let Some(ps) = specs.iter().find(|p| p.name == pname) else {
+            let mut params = SortedMap::with_capacity(specs.len());
+            written.clear();
+            written.resize(specs.len(), false);
+            for (pname, raw) in decl_params.0 {
+                let Some(at_spec) = specs.iter().position(|p| p.name == pname) else {
                     let known: Vec<&str> = specs.iter().map(|p| p.name).collect();
                     err(
-                        loc.field(sname, "params", Some(pname)),
+                        loc.field(sname, "params", Some(&pname)),
                         format!("stage `{sname}`: unknown parameter `{pname}` for kind `{decl_kind}`"),
                         "unknown parameter",
                         Some(if known.is_empty() { "this kind takes no parameters".into() } else { format!("parameters of `{decl_kind}`: {}", known.join(", ")) }),
                     );
                     continue;
                 };
+                let ps = &specs[at_spec];
+                written[at_spec] = true;
                 match convert(raw, &ps.ty) {
                     Ok(v) => {
-                        params.insert(pname.clone(), v);
+                        params.insert(pname, v);
                     }
                     Err(msg) => err(
-                        loc.field(sname, "params", Some(pname)),
+                        loc.field(sname, "params", Some(&pname)),
                         format!("stage `{sname}`: parameter `{pname}`: expected {}, {msg}", ps.ty),
                         "wrong type",
                         (!ps.doc.is_empty()).then(|| format!("`{pname}`: {}", ps.doc)),
                     ),
                 }
             }
-            for (ps, default) in specs.iter().zip(&schema.defaults) {
-                if params.contains_key(ps.name) || decl_params.contains_key(ps.name) {
+            for ((ps, default), &given) in specs.iter().zip(&schema.defaults).zip(&written) {
+                if given {
                     continue;
                 }
                 match default {
@@ -267,7 +277,7 @@ impl Pipeline {
             let Some(kind) = kind else { continue };
             stage_at[at] = stages.len();
             stage_names_at.push(at);
-            let (sname, decl) = (names[at].clone(), &mut decls[at]);
+            let (sname, decl) = (std::mem::take(&mut names[at]), &mut decls[at].1);
             let decl_inputs = std::mem::take(&mut decl.inputs);
             let decl_kind = kind.name();
             let ports = &schemas[kind.name()].inputs;
@@ -330,11 +340,11 @@ impl Pipeline {
             let outputs = Vec::new();
             let resources = decl.resources.unwrap_or_else(|| kind.resources(&params));
             let env = kind.env(&params);
-            let (job, local) = (decl.job.clone().unwrap_or_default(), decl.local.unwrap_or_else(|| kind.local_by_default()));
+            let (job, local) = (decl.job.take().map(|j| *j).unwrap_or_default(), decl.local.unwrap_or_else(|| kind.local_by_default()));
             stages.push(Stage { name: sname, kind, params, inputs, outputs, resources, paths, env, job, local });
         }
 
-        drop(decls);
+        drop((decls, names));
         for (s, &at) in stages.iter_mut().zip(&stage_names_at) {
             s.outputs = outputs_of[at].take().unwrap_or_default();
         }
@@ -353,7 +363,7 @@ impl Pipeline {
                 }
             }
         }
-        drop((seen, stage_at));
+        drop(stage_at);
         // Kahn's algorithm leaves out exactly the stages on or behind a cycle.
         let order = file_ordered_topo(&graph);
         if order.len() != graph.node_count() {
@@ -378,7 +388,16 @@ impl Pipeline {
             let mut by_node: Vec<Option<Stage>> = stages.into_iter().map(Some).collect();
             order.iter().filter_map(|n| by_node[n.index()].take().map(|s| (s, *n))).unzip()
         };
-        let index = stages.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        // Without errors, every declared name is a stage at its own position in file
+        // order: `seen` is already the index unless the stages were reordered.
+        let mut index = seen;
+        if nodes.iter().enumerate().any(|(i, n)| n.index() != i) {
+            for (i, s) in stages.iter().enumerate() {
+                if let Some(slot) = index.get_mut(s.name.as_str()) {
+                    *slot = i;
+                }
+            }
+        }
         let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
         Ok(Pipeline { file: file.to_path_buf(), dir, source: Arc::new(src), backend, executor, stages, graph, index, nodes })
@@ -399,7 +418,7 @@ struct KindSchema {
 impl KindSchema {
     fn of(kind: &dyn StageKind) -> KindSchema {
         let params = kind.params();
-        let defaults = params.iter().map(|ps| ps.default.as_ref().map(|d| convert(&to_ron(d), &ps.ty))).collect();
+        let defaults = params.iter().map(|ps| ps.default.as_ref().map(|d| convert(to_raw(d), &ps.ty))).collect();
         KindSchema { params, defaults, inputs: kind.inputs() }
     }
 }
@@ -452,54 +471,52 @@ pub enum LoadError {
     Spec(Box<SpecErrors>),
 }
 
-/// Type-check and canonicalise one RON value.
-fn convert(v: &ron::Value, ty: &ParamType) -> Result<Value, String> {
-    use ron::Value as R;
-    let found = |v: &R| -> String {
+/// Type-check and canonicalise one value as written, moving its strings.
+fn convert(v: Raw, ty: &ParamType) -> Result<Value, String> {
+    let found = |v: &Raw| -> String {
         match v {
-            R::Bool(b) => format!("found `{b}`"),
-            R::Number(n) => format!("found `{}`", number_text(n)),
-            R::String(s) => format!("found \"{}\"", shown(s, MAX_VALUE_BYTES)),
-            R::Seq(_) => "found a list".into(),
-            R::Map(_) => "found a map".into(),
-            R::Unit => "found `()`".into(),
-            R::Option(_) => "found an option".into(),
-            R::Char(c) => format!("found '{}'", shown(&c.to_string(), MAX_VALUE_BYTES)),
-            R::Bytes(_) => "found bytes".into(),
+            Raw::Bool(b) => format!("found `{b}`"),
+            Raw::Int(_) | Raw::UInt(_) | Raw::Float(_) => format!("found `{}`", number_text(v)),
+            Raw::Str(s) => format!("found \"{}\"", shown(s, MAX_VALUE_BYTES)),
+            Raw::Seq(_) => "found a list".into(),
+            Raw::Map(_) => "found a map".into(),
+            Raw::Unit => "found `()`".into(),
+            Raw::Option(_) => "found an option".into(),
+            Raw::Char(c) => format!("found '{}'", shown(&c.to_string(), MAX_VALUE_BYTES)),
+            Raw::Bytes(_) => "found bytes".into(),
         }
     };
     match (ty, v) {
-        (ParamType::Bool, R::Bool(b)) => Ok(Value::Bool(*b)),
-        (ParamType::Int, R::Number(n)) => int_of(n).map(Value::Int).ok_or_else(|| found(v)),
-        (ParamType::Float, R::Number(n)) => {
-            let x = int_of(n).map(|i| i as f64).unwrap_or_else(|| n.into_f64());
-            if x.is_finite() { Ok(Value::Float(x)) } else { Err(format!("{} (must be finite)", found(v))) }
+        (ParamType::Bool, Raw::Bool(b)) => Ok(Value::Bool(b)),
+        (ParamType::Int, v @ (Raw::Int(_) | Raw::UInt(_) | Raw::Float(_))) => int_of(&v).map(Value::Int).ok_or_else(|| found(&v)),
+        (ParamType::Float, v @ (Raw::Int(_) | Raw::UInt(_) | Raw::Float(_))) => {
+            let x = float_of(&v);
+            if x.is_finite() { Ok(Value::Float(x)) } else { Err(format!("{} (must be finite)", found(&v))) }
         }
-        (ParamType::Str, R::String(s)) => Ok(Value::Str(s.clone())),
-        (ParamType::Enum(options), R::String(s)) => {
-            if options.contains(&s.as_str()) { Ok(Value::Str(s.clone())) } else { Err(found(v)) }
+        (ParamType::Str, Raw::Str(s)) => Ok(Value::Str(s)),
+        (ParamType::Enum(options), Raw::Str(s)) => {
+            if options.contains(&s.as_str()) { Ok(Value::Str(s)) } else { Err(found(&Raw::Str(s))) }
         }
-        (ParamType::Path, R::String(s)) if !s.is_empty() => Ok(Value::Str(s.clone())),
-        (ParamType::List(t), R::Seq(items)) => {
-            let mut out = Vec::new();
-            for (i, item) in items.iter().enumerate() {
+        (ParamType::Path, Raw::Str(s)) if !s.is_empty() => Ok(Value::Str(s)),
+        (ParamType::List(t), Raw::Seq(items)) => {
+            let mut out = Vec::with_capacity(items.len());
+            for (i, item) in items.into_iter().enumerate() {
                 out.push(convert(item, t).map_err(|e| format!("element {i}: {e}"))?);
             }
             Ok(Value::List(out))
         }
-        (ParamType::StrMap, R::Map(m)) => {
-            let mut out = BTreeMap::new();
-            for (k, val) in m.iter() {
+        (ParamType::StrMap, Raw::Map(m)) => {
+            // Keys are unique (a repeated one is a syntax error), so collecting only sorts.
+            let mut out = Vec::with_capacity(m.len());
+            for (k, val) in m {
                 match (k, val) {
-                    (R::String(k), R::String(s)) => {
-                        out.insert(k.clone(), Value::Str(s.clone()));
-                    }
+                    (Raw::Str(k), Raw::Str(s)) => out.push((k, Value::Str(s))),
                     _ => return Err("found a map with non-string keys or values".into()),
                 }
             }
-            Ok(Value::Map(out))
+            Ok(Value::Map(out.into_iter().collect()))
         }
-        _ => Err(found(v)),
+        (_, v) => Err(found(&v)),
     }
 }
 
@@ -509,42 +526,39 @@ fn key_before(src: &str, off: usize) -> Option<(usize, usize)> {
     Some((at, crate::diagnostic::token_len(src, at).max(1)))
 }
 
-/// A canonical value back as RON, so defaults go through the same `convert` as
+/// A canonical value back as written, so defaults go through the same `convert` as
 /// written values.
-fn to_ron(v: &Value) -> ron::Value {
+fn to_raw(v: &Value) -> Raw {
     match v {
-        Value::Bool(b) => ron::Value::Bool(*b),
-        Value::Int(i) => ron::Value::Number(ron::Number::new(*i)),
-        Value::Float(x) => ron::Value::Number(ron::Number::new(*x)),
-        Value::Str(s) => ron::Value::String(s.clone()),
-        Value::List(items) => ron::Value::Seq(items.iter().map(to_ron).collect()),
-        Value::Map(m) => {
-            let mut out = ron::Map::new();
-            for (k, x) in m {
-                out.insert(ron::Value::String(k.clone()), to_ron(x));
-            }
-            ron::Value::Map(out)
-        }
+        Value::Bool(b) => Raw::Bool(*b),
+        Value::Int(i) => Raw::Int(*i),
+        Value::Float(x) => Raw::Float(*x),
+        Value::Str(s) => Raw::Str(s.clone()),
+        Value::List(items) => Raw::Seq(items.iter().map(to_raw).collect()),
+        Value::Map(m) => Raw::Map(m.iter().map(|(k, x)| (Raw::Str(k.clone()), to_raw(x))).collect()),
     }
 }
 
-fn int_of(n: &ron::Number) -> Option<i64> {
-    use ron::Number as N;
+/// A written number as an integer, if it is one (ron reads `1.0` as a float).
+fn int_of(n: &Raw) -> Option<i64> {
     match *n {
-        N::I8(x) => Some(x as i64),
-        N::I16(x) => Some(x as i64),
-        N::I32(x) => Some(x as i64),
-        N::I64(x) => Some(x),
-        N::U8(x) => Some(x as i64),
-        N::U16(x) => Some(x as i64),
-        N::U32(x) => Some(x as i64),
-        N::U64(x) => i64::try_from(x).ok(),
+        Raw::Int(x) => Some(x),
+        Raw::UInt(x) => i64::try_from(x).ok(),
         _ => None,
     }
 }
 
-fn number_text(n: &ron::Number) -> String {
-    int_of(n).map(|i| i.to_string()).unwrap_or_else(|| n.into_f64().to_string())
+fn float_of(n: &Raw) -> f64 {
+    match *n {
+        Raw::Int(x) => x as f64,
+        Raw::UInt(x) => x as f64,
+        Raw::Float(x) => x,
+        _ => f64::NAN,
+    }
+}
+
+fn number_text(n: &Raw) -> String {
+    int_of(n).map(|i| i.to_string()).unwrap_or_else(|| float_of(n).to_string())
 }
 
 /// The path strings of a `Path` or `List(Path)` parameter.

@@ -291,9 +291,10 @@ pub struct Planned {
     pub status: Status,
     pub key: Option<Digest>,
     pub reasons: Vec<Reason>,
-    /// The last recorded run of this stage, if any.
+    /// The last recorded run of this stage, if any. Boxed: most stages of a long
+    /// pipeline have none, and a recorded fingerprint is a few hundred bytes.
     #[serde(skip)]
-    pub previous: Option<(Digest, Recorded)>,
+    pub previous: Option<Box<(Digest, Recorded)>>,
 }
 
 /// Plan every stage without running anything. Linear in the pipeline: a stage's
@@ -308,7 +309,7 @@ pub fn plan(p: &Pipeline, store: &Store, sources: &Sources, backend: &str) -> Re
     for s in &p.stages {
         let fingerprint = || fingerprint(s, sources.get(&s.name).unwrap_or(&empty), &outputs, backend);
         let previous = match refs.stages.get(&s.name) {
-            Some(k) => store.get_entry(k)?.and_then(|e| serde_json::from_value::<Recorded>(e.fingerprint).ok().map(|r| (*k, r))),
+            Some(k) => store.get_entry(k)?.and_then(|e| serde_json::from_value::<Recorded>(e.fingerprint).ok().map(|r| Box::new((*k, r)))),
             None => None,
         };
         let waiting: Vec<&str> = s.upstream().into_iter().filter(|u| status_of.get(*u) != Some(&Status::Fresh)).collect();
@@ -318,7 +319,7 @@ pub fn plan(p: &Pipeline, store: &Store, sources: &Sources, backend: &str) -> Re
         let planned = match keyed {
             None => {
                 let mut reasons: Vec<Reason> = waiting.iter().map(|u| Reason::Upstream { stage: u.to_string() }).collect();
-                if let Some((_, rec)) = &previous {
+                if let Some((_, rec)) = previous.as_deref() {
                     let (fp, origins, _) = fingerprint();
                     reasons.extend(diff(rec, &fp, &origins, false));
                 }
@@ -330,7 +331,7 @@ pub fn plan(p: &Pipeline, store: &Store, sources: &Sources, backend: &str) -> Re
                     outputs.insert(s.name.clone(), entry.outputs);
                     Planned { name: s.name.clone(), status: Status::Fresh, key: Some(key), reasons: vec![], previous }
                 } else {
-                    let reasons = stale_reasons(&previous, &fp, &origins, key, refs.stages.get(&s.name));
+                    let reasons = stale_reasons(previous.as_deref(), &fp, &origins, key, refs.stages.get(&s.name));
                     Planned { name: s.name.clone(), status: Status::Stale, key: Some(key), reasons, previous }
                 }
             }
@@ -342,7 +343,7 @@ pub fn plan(p: &Pipeline, store: &Store, sources: &Sources, backend: &str) -> Re
 }
 
 /// Reasons a keyed stage has no entry.
-pub fn stale_reasons(previous: &Option<(Digest, Recorded)>, fp: &Fingerprint, origins: &BTreeMap<String, Vec<String>>, key: Digest, last: Option<&Digest>) -> Vec<Reason> {
+pub fn stale_reasons(previous: Option<&(Digest, Recorded)>, fp: &Fingerprint, origins: &BTreeMap<String, Vec<String>>, key: Digest, last: Option<&Digest>) -> Vec<Reason> {
     match (previous, last) {
         (Some((_, rec)), _) => {
             let r = diff(rec, fp, origins, true);

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::kind::StageError;
 
-/// A validated parameter value. Maps are sorted, so the encoding is canonical.
+/// A validated parameter value. Maps are sorted, so the encoding is canonical. A map
+/// is a [`SortedMap`] (serialised as the `BTreeMap` it was): a `command` stage's
+/// `outputs` of one entry would otherwise cost a whole B-tree node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Value {
@@ -19,7 +21,7 @@ pub enum Value {
     Float(f64),
     Str(String),
     List(Vec<Value>),
-    Map(BTreeMap<String, Value>),
+    Map(SortedMap<String, Value>),
 }
 
 impl From<bool> for Value {

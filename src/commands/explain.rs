@@ -42,7 +42,7 @@ pub fn explain(p: &fgflow_engine::Pipeline, planned: &[fgflow_engine::Planned], 
         Status::Stale => s.push_str(&format!("`{name}` ({kind}) is stale: key {} is not in the cache\n", st.key.map(|k| k.short()).unwrap_or_default())),
         Status::Pending => s.push_str(&format!("`{name}` ({kind}) is pending: its key is known once its upstream stages have run\n")),
     }
-    match &st.previous {
+    match st.previous.as_deref() {
         Some((k, _)) => s.push_str(&format!("  last run: key {}\n", k.short())),
         None => s.push_str("  last run: none recorded for this pipeline file\n"),
     }

@@ -86,7 +86,7 @@ fn find(app: &App, target: &str, pipeline: Option<PathBuf>) -> Result<Found, Cli
         if let Ok((_, planned)) = plan(app, &file, None) {
             if let Some(st) = planned.iter().find(|s| s.name == target) {
                 let attempt = st.key.filter(|k| st.status != Status::Fresh && has_job(app, k));
-                let key = match (st.status.clone(), st.key, &st.previous) {
+                let key = match (st.status.clone(), st.key, st.previous.as_deref()) {
                     (Status::Fresh, Some(k), _) => Some(k),
                     (_, _, Some((k, _))) => Some(*k),
                     _ => None,

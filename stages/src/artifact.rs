@@ -36,15 +36,30 @@
 //!   `testa_sources`, `testb_sources`, `train_sources`, `val_sources` (where each image
 //!   came from, e.g. `quickdraw/cat/17`), `version`.
 //!
+//! **Oracle set** (`oracle_set`: `quickdraw`'s `oracle` output, the ceiling) directory:
+//! a labelled set as above (`images.safetensors` with `images` and `labels`,
+//! `classes.json`), holding the training images that are not open-set, in the training
+//! set's order and with its ids, and their TRUE labels, plus the oracle mark
+//! `oracle.json`. Open it as a labelled set.
+//!
+//! **Oracle mark** `oracle.json`: in an oracle set and in every artifact derived from
+//! one (the model and checkpoints of `train` on its `oracle` input, their predictions,
+//! the metrics of those): `{"derived_from": "ground_truth", "format": "fgflow.oracle",
+//! "note": "...", "version": 1}`. The recipe's kinds (`clean`, `ensemble`,
+//! `pseudo_label`, `redistribute`, `soup`, `train`'s `init`) refuse an input that
+//! carries it; `report` marks its row "(oracle)". Its presence is the whole signal.
+//!
 //! All are aligned by index with the sets the same stage wrote. Sets made by
 //! `import_folder` also carry `import_report.json`: the files left out and why.
 //!
 //! ```python
-//! import json
+//! import json, os
 //! from safetensors.numpy import load_file
 //! t = load_file("train/images.safetensors")   # t["images"]: (N, H, W, C) uint8, t["labels"]: (N,) int64
 //! meta = json.load(open("train/classes.json"))
 //! names = [c["name"] for c in meta["classes"]]
+//! o = load_file("oracle/images.safetensors")  # same keys; o["labels"] are the true labels
+//! is_oracle = os.path.exists("oracle/oracle.json")
 //! ```
 
 use std::collections::BTreeMap;
@@ -537,6 +552,83 @@ pub fn read_ground_truth(dir: &Path) -> Result<GroundTruth, StageError> {
 }
 
 // ---------------------------------------------------------------------------------
+// The oracle set and the oracle mark.
+
+pub const ORACLE_FILE: &str = "oracle.json";
+const ORACLE_FORMAT: &str = "fgflow.oracle";
+
+#[derive(Serialize, Deserialize)]
+struct OracleMark {
+    derived_from: String,
+    format: String,
+    note: String,
+    version: u32,
+}
+
+/// Writes the oracle mark into an output directory: what is in it derives from the true
+/// labels. Constant bytes, so equal artifacts stay equal.
+pub fn mark_oracle(dir: &Path) -> Result<(), StageError> {
+    write_json(
+        &dir.join(ORACLE_FILE),
+        &OracleMark {
+            derived_from: "ground_truth".into(),
+            format: ORACLE_FORMAT.into(),
+            note: "built from the benchmark's true labels: the ceiling the recipe is measured against, never part of it; fgflow's recipe stages refuse artifacts that carry this file".into(),
+            version: FORMAT_VERSION,
+        },
+    )
+}
+
+/// Whether an artifact directory carries the oracle mark.
+pub fn is_oracle(dir: &Path) -> bool {
+    dir.join(ORACLE_FILE).exists()
+}
+
+/// Marks `to` as oracle-derived when `from` is (predictions of an oracle model, metrics
+/// of those predictions).
+pub fn carry_oracle(from: &Path, to: &Path) -> Result<(), StageError> {
+    if is_oracle(from) { mark_oracle(to) } else { Ok(()) }
+}
+
+/// Refuses every connected input of the stage, except those of the ports in `allowed`,
+/// that carries the oracle mark: the recipe must not be fed from the true labels.
+pub fn refuse_oracle(ctx: &fgflow_engine::RunContext<'_>, allowed: &[&str]) -> Result<(), StageError> {
+    for port in ctx.input_names() {
+        if allowed.contains(&port.as_str()) {
+            continue;
+        }
+        if let Some(dir) = ctx.inputs(&port).iter().find(|d| is_oracle(d)) {
+            return Err(StageError::Input {
+                name: port,
+                msg: format!(
+                    "{} derives from the benchmark's true labels (it carries {ORACLE_FILE}: an oracle set, or a model trained on one, or its predictions); the oracle is a ceiling to evaluate, never an input of the recipe",
+                    dir.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Writes the oracle set: a labelled set plus the oracle mark.
+pub fn write_oracle_set(dir: &Path, s: &LabelledSet) -> Result<(), StageError> {
+    write_labelled_set(dir, s)?;
+    mark_oracle(dir)
+}
+
+/// Reads an oracle set; a directory without the mark is not one.
+pub fn read_oracle_set(dir: &Path) -> Result<LabelledSet, StageError> {
+    if !is_oracle(dir) {
+        return Err(corrupt(dir, format!("not an oracle set: no {ORACLE_FILE}")));
+    }
+    let mark: OracleMark = read_json(&dir.join(ORACLE_FILE))?;
+    if mark.format != ORACLE_FORMAT || mark.version != FORMAT_VERSION {
+        return Err(corrupt(&dir.join(ORACLE_FILE), format!("format {} version {}, this fgflow reads {ORACLE_FORMAT} version {FORMAT_VERSION}", mark.format, mark.version)));
+    }
+    read_labelled_set(dir)
+}
+
+// ---------------------------------------------------------------------------------
 // Class statistics shared by `show`, cleaning and evaluation.
 
 /// Images per class. Labels `>= n_classes` are not counted (readers reject them, so
@@ -640,6 +732,27 @@ mod tests {
         let s = LabelledSet { images: set(2, 1), labels: vec![0, 3] };
         let err = write_labelled_set(dir.path(), &s).unwrap_err().to_string();
         assert!(err.contains("labels[1] = 3"), "{err}");
+    }
+
+    #[test]
+    fn oracle_set_is_a_marked_labelled_set_and_only_a_marked_one_reads_as_oracle() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LabelledSet { images: set(3, 1), labels: vec![2, 0, 1] };
+        write_labelled_set(dir.path(), &s).unwrap();
+        assert!(!is_oracle(dir.path()));
+        let err = read_oracle_set(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not an oracle set"), "{err}");
+        write_oracle_set(dir.path(), &s).unwrap();
+        assert!(is_oracle(dir.path()));
+        assert_eq!(read_oracle_set(dir.path()).unwrap(), s);
+        let mark = fs::read(dir.path().join(ORACLE_FILE)).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        carry_oracle(dir.path(), other.path()).unwrap();
+        assert_eq!(fs::read(other.path().join(ORACLE_FILE)).unwrap(), mark, "the mark is constant bytes");
+        let plain = tempfile::tempdir().unwrap();
+        carry_oracle(plain.path(), other.path()).unwrap();
+        carry_oracle(plain.path(), plain.path()).unwrap();
+        assert!(!is_oracle(plain.path()));
     }
 
     #[test]

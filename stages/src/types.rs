@@ -7,6 +7,11 @@ use fgflow_engine::ArtifactType;
 pub const LABELLED_SET: ArtifactType = ArtifactType("labelled_set");
 /// Unlabelled images (test A, test B): `images.safetensors` + `classes.json`.
 pub const IMAGE_SET: ArtifactType = ArtifactType("image_set");
+/// The benchmark's training images with their TRUE labels, open-set images removed: the
+/// ceiling the recipe is measured against. No recipe kind accepts this type; only
+/// `train`'s own `oracle` input does, and what is trained on it carries the oracle mark
+/// (`artifact::ORACLE_FILE`) that the recipe's kinds refuse.
+pub const ORACLE_SET: ArtifactType = ArtifactType("oracle_set");
 /// Hidden truth only evaluation stages read: true test labels, clean training labels, noise flags.
 pub const GROUND_TRUTH: ArtifactType = ArtifactType("ground_truth");
 /// Trained weights (safetensors) with the model config beside them.

@@ -31,7 +31,7 @@ fn predictions(dir: &Path, ids: &[&str], classes: &[&str], rows: &[&[f32]]) -> P
 }
 
 fn metrics(dir: &Path, top1: f64) -> PathBuf {
-    Metrics { truth: "labels".into(), n: 100, num_classes: 2, top1, top5: 1.0, mean_class_acc: top1, groups: vec![], per_class: vec![] }.write(dir).unwrap();
+    Metrics { truth: "labels".into(), n: 100, num_classes: 2, top1, top5: 1.0, mean_class_acc: top1, groups: vec![], per_class: vec![], truth_id: None }.write(dir).unwrap();
     dir.to_path_buf()
 }
 

@@ -16,6 +16,9 @@
 //!    `open_set` fraction of the training set.
 //! 6. Every set is shuffled; ids are opaque (`train/00042`), provenance goes to the
 //!    ground truth only, so no stage can read the answer off an id or the order.
+//! 7. The oracle set: the training set's in-vocabulary images (same ids, same order)
+//!    with their true labels, open-set images removed. Derived after everything else,
+//!    so it draws nothing and the other sets are the same bytes with or without it.
 
 use crate::artifact::{GroundTruth, ImageSet, LabelledSet, Noise};
 use crate::data::quickdraw::Drawings;
@@ -104,6 +107,8 @@ pub struct Benchmark {
     pub testa: ImageSet,
     pub testb: ImageSet,
     pub truth: GroundTruth,
+    /// The training images with their true labels, open-set images removed (the ceiling).
+    pub oracle: LabelledSet,
 }
 
 /// One drawing on its way into a set.
@@ -270,13 +275,18 @@ pub fn build(d: &Drawings, cfg: &BenchmarkConfig) -> Result<Benchmark, String> {
         testa_sources: testa.iter().map(source).collect(),
         testb_sources: testb.iter().map(source).collect(),
     };
-    Ok(Benchmark {
-        train: LabelledSet { images: images("train", &train), labels: labels(&train) },
-        val: LabelledSet { images: images("val", &val), labels: labels(&val) },
-        testa: images("testa", &testa),
-        testb: images("testb", &testb),
-        truth,
-    })
+    let train = LabelledSet { images: images("train", &train), labels: labels(&train) };
+    let oracle = oracle_set(&train, &truth.train_clean_labels);
+    Ok(Benchmark { train, val: LabelledSet { images: images("val", &val), labels: labels(&val) }, testa: images("testa", &testa), testb: images("testb", &testb), truth, oracle })
+}
+
+/// Step 7: the samples of `train` that have a true label, relabelled with it, in order.
+/// `clean_labels` is aligned with `train` (`None`: an open-set image).
+pub fn oracle_set(train: &LabelledSet, clean_labels: &[Option<u32>]) -> LabelledSet {
+    let keep: Vec<usize> = clean_labels.iter().enumerate().filter_map(|(i, l)| l.map(|_| i)).collect();
+    let mut oracle = train.select(&keep);
+    oracle.labels = keep.iter().filter_map(|&i| clean_labels[i]).collect();
+    oracle
 }
 
 #[cfg(test)]
@@ -338,6 +348,21 @@ mod tests {
             }
         }
         b.truth.check().unwrap();
+    }
+
+    #[test]
+    fn oracle_set_is_the_training_set_with_true_labels_and_no_open_set_image() {
+        let b = build(&toy(), &cfg()).unwrap();
+        let kept: Vec<usize> = (0..b.train.images.n).filter(|&i| b.truth.train_noise[i] != Noise::OpenSet).collect();
+        assert!(kept.len() < b.train.images.n, "the toy config has open-set images");
+        assert_eq!(b.oracle.images.n, kept.len());
+        for (j, &i) in kept.iter().enumerate() {
+            assert_eq!(b.oracle.images.ids[j], b.train.images.ids[i]);
+            assert_eq!(b.oracle.images.image(j), b.train.images.image(i));
+            assert_eq!(Some(b.oracle.labels[j]), b.truth.train_clean_labels[i]);
+        }
+        assert_ne!(b.oracle.labels, kept.iter().map(|&i| b.train.labels[i]).collect::<Vec<_>>(), "some labels were noisy");
+        b.oracle.check().unwrap();
     }
 
     #[test]

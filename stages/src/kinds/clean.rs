@@ -298,6 +298,7 @@ impl StageKind for Clean {
 
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         let s = settings(&ctx.params)?;
+        artifact::refuse_oracle(ctx, &[])?;
         let train_dir = ctx.input("train")?;
         let train = artifact::read_labelled_set(train_dir)?;
         let truth = if ctx.has_input("truth") { Some(artifact::read_ground_truth(ctx.input("truth")?)?) } else { None };

@@ -190,6 +190,7 @@ impl StageKind for Ensemble {
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         let f = ctx.params.float("f")?;
         let average = ctx.params.str("average")?.to_string();
+        crate::artifact::refuse_oracle(ctx, &[])?;
         let dirs = ctx.inputs("predictions");
         if dirs.is_empty() {
             return Err(StageError::Input { name: "predictions".into(), msg: "no predictions connected".into() });

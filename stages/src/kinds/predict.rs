@@ -120,7 +120,10 @@ impl StageKind for Predict {
             post_hoc_adjust(&mut logits, &log_prior(&config.class_counts, tau));
         }
         let pred = Predictions::from_logits(images.ids.clone(), config.classes.clone(), logits);
-        pred.write(&ctx.output_dir("predictions")?)
+        let out = ctx.output_dir("predictions")?;
+        pred.write(&out)?;
+        // An oracle model's predictions stay marked, so the recipe's kinds refuse them.
+        artifact::carry_oracle(ctx.input("model")?, &out)
     }
 }
 

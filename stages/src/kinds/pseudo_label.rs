@@ -165,6 +165,7 @@ impl StageKind for PseudoLabel {
 
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         let threshold = ctx.params.float("threshold")?;
+        artifact::refuse_oracle(ctx, &[])?;
         let pred = Predictions::read(ctx.input("predictions")?)?;
         let images = artifact::read_image_set(ctx.input("images")?)?;
         let train = artifact::read_labelled_set(ctx.input("train")?)?;

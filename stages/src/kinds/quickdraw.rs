@@ -9,7 +9,7 @@ use crate::artifact;
 use crate::data::benchmark::{self, BenchmarkConfig};
 use crate::data::describe;
 use crate::data::quickdraw::Drawings;
-use crate::types::{GROUND_TRUTH, IMAGE_SET, LABELLED_SET};
+use crate::types::{GROUND_TRUTH, IMAGE_SET, LABELLED_SET, ORACLE_SET};
 
 pub struct QuickDraw;
 
@@ -41,11 +41,14 @@ impl StageKind for QuickDraw {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: the `oracle` output. The other outputs are the same bytes as version 1's, so
+        //    only this stage re-runs; everything downstream keeps its key (early cutoff).
+        //    Without the bump, a version-1 entry (no `oracle`) would be reused.
+        2
     }
 
     fn summary(&self) -> &'static str {
-        "Builds the Quick, Draw! benchmark: long-tailed noisy training set, clean validation set, balanced unlabelled test sets A and B, hidden ground truth"
+        "Builds the Quick, Draw! benchmark: long-tailed noisy training set, clean validation set, balanced unlabelled test sets A and B, hidden ground truth, and the oracle set (true labels) for the ceiling"
     }
 
     fn params(&self) -> Vec<ParamSpec> {
@@ -86,6 +89,7 @@ impl StageKind for QuickDraw {
             PortSpec::one("testa", IMAGE_SET, "test A, balanced, unlabelled"),
             PortSpec::one("testb", IMAGE_SET, "test B, balanced, unlabelled"),
             PortSpec::one("truth", GROUND_TRUTH, "true test labels, clean training labels and noise flags: for evaluation only"),
+            PortSpec::one("oracle", ORACLE_SET, "the training images with their TRUE labels, open-set images removed: the ceiling, only for `train`'s `oracle` input"),
         ]
     }
 
@@ -158,6 +162,7 @@ impl StageKind for QuickDraw {
         artifact::write_image_set(&ctx.output_dir("testa")?, &b.testa)?;
         artifact::write_image_set(&ctx.output_dir("testb")?, &b.testb)?;
         artifact::write_ground_truth(&ctx.output_dir("truth")?, &b.truth)?;
+        artifact::write_oracle_set(&ctx.output_dir("oracle")?, &b.oracle)?;
         let open = b.truth.train_noise.iter().filter(|n| **n == artifact::Noise::OpenSet).count();
         ctx.log(format!("train {} ({} open-set), val {}, test A {}, test B {}", b.train.images.n, open, b.val.images.n, b.testa.n, b.testb.n));
         ctx.progress(3, 3, "done");
@@ -167,6 +172,7 @@ impl StageKind for QuickDraw {
     fn describe_output(&self, output: &str, dir: &Path) -> Option<String> {
         match output {
             "train" | "val" => describe::labelled_set(dir),
+            "oracle" => describe::labelled_set(dir).map(|d| format!("oracle (true labels, open-set images removed; the ceiling only)\n{d}")),
             "testa" | "testb" => describe::image_set(dir),
             "truth" => describe::ground_truth(dir),
             _ => None,

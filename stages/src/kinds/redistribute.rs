@@ -305,6 +305,7 @@ impl StageKind for Redistribute {
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         let method = ctx.params.str("method")?.to_string();
         let k_param = ctx.params.usize("k")?;
+        crate::artifact::refuse_oracle(ctx, &[])?;
         let pred = Predictions::read(ctx.input("predictions")?)?;
         let (n, c) = (pred.n(), pred.num_classes());
         if c == 0 {

@@ -247,6 +247,7 @@ impl StageKind for Soup {
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         let s = settings(&ctx.params)?;
         let batch = ctx.params.usize("batch_size")?.max(1);
+        crate::artifact::refuse_oracle(ctx, &[])?;
         let root = ctx.input("checkpoints")?;
         let index = checkpoint::read_index(root).map_err(|e| input_err("checkpoints", e.to_string()))?;
         if index.is_empty() {

@@ -6,6 +6,9 @@
 //! `backbone: "efficientnet_lite"` with `pretrained` fine-tunes ImageNet weights (the
 //! committed `data/efficientnet_lite0`); `pretrained` loads any backbone's weights by
 //! tensor name and is hashed by content like every `Path` parameter.
+//! The `oracle` input (exclusive with `train`) takes the benchmark's oracle set, the
+//! true labels, for the ceiling row; the model, checkpoints and log of such a run carry
+//! the oracle mark (`artifact::ORACLE_FILE`), which the recipe's kinds refuse.
 //! The model code lives in `crate::ml`; this module maps parameters and artifacts to it.
 
 use std::fmt::Write as _;
@@ -346,7 +349,11 @@ impl StageKind for Train {
     }
     fn inputs(&self) -> Vec<PortSpec> {
         vec![
-            PortSpec::one("train", types::LABELLED_SET, "training images and labels"),
+            // Connect exactly one of `train` and `oracle` (checked when the stage runs:
+            // the engine has no "one of" for ports). Neither port being connected
+            // changes no key of a stage that does not use it.
+            PortSpec::one("train", types::LABELLED_SET, "training images and labels (connect this or `oracle`)").optional(),
+            PortSpec::one("oracle", types::ORACLE_SET, "the benchmark's oracle set (true labels): trains the ceiling; the outputs carry the oracle mark, which the recipe's stages refuse").optional(),
             PortSpec::one("val", types::LABELLED_SET, "validation set: accuracy after every epoch").optional(),
             PortSpec::one("init", types::MODEL, "model to fine-tune from (its backbone; its head too when head and classes match)").optional(),
         ]
@@ -371,7 +378,10 @@ impl StageKind for Train {
     fn describe_output(&self, output: &str, dir: &Path) -> Option<String> {
         match output {
             "log" => std::fs::read_to_string(dir.join("log.txt")).ok(),
-            "model" => checkpoint::read_config(dir).ok().map(|c| describe_model(&c)),
+            "model" => checkpoint::read_config(dir).ok().map(|c| {
+                let d = describe_model(&c);
+                if artifact::is_oracle(dir) { format!("ORACLE (trained on the true labels; the ceiling only): {d}") } else { d }
+            }),
             "checkpoints" => checkpoint::read_index(dir).ok().map(|entries| {
                 let list: Vec<String> = entries
                     .iter()
@@ -388,7 +398,8 @@ impl StageKind for Train {
 
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         let s = settings(&ctx.params)?;
-        let train = artifact::read_labelled_set(ctx.input("train")?)?;
+        let oracle = training_input(ctx)?;
+        let train = if oracle { artifact::read_oracle_set(ctx.input("oracle")?)? } else { artifact::read_labelled_set(ctx.input("train")?)? };
         let val = if ctx.has_input("val") { Some(artifact::read_labelled_set(ctx.input("val")?)?) } else { None };
         let init = if ctx.has_input("init") { Some(ctx.input("init")?.to_path_buf()) } else { None };
         let pretrained = ctx.sources("pretrained").first().map(|(_, p)| p.clone());
@@ -445,9 +456,26 @@ impl StageKind for Train {
             config.channels,
             ctx.backend
         ));
-        let job = TrainJob { ctx, settings: &s, config, train: &train, val: val.as_ref(), init, pretrained };
+        if oracle {
+            ctx.log("oracle: training on the TRUE labels (the ceiling); the outputs carry the oracle mark");
+        }
+        let job = TrainJob { ctx, settings: &s, config, train: &train, val: val.as_ref(), init, pretrained, oracle };
         dispatch(&ctx.backend, job)
     }
+}
+
+/// Which training input is connected: `Ok(true)` for `oracle`, `Ok(false)` for `train`;
+/// an error naming the field when both or neither are. Also refuses oracle-marked
+/// artifacts on the other inputs (an oracle model as `init`, say).
+fn training_input(ctx: &RunContext) -> Result<bool, StageError> {
+    let oracle = match (ctx.has_input("train"), ctx.has_input("oracle")) {
+        (true, false) => false,
+        (false, true) => true,
+        (true, true) => return Err(StageError::Input { name: "oracle".into(), msg: "both `train` and `oracle` are connected: connect exactly one".into() }),
+        (false, false) => return Err(StageError::Input { name: "train".into(), msg: "neither `train` nor `oracle` is connected: connect exactly one".into() }),
+    };
+    artifact::refuse_oracle(ctx, &["oracle"])?;
+    Ok(oracle)
 }
 
 struct TrainJob<'a, 'c> {
@@ -458,6 +486,7 @@ struct TrainJob<'a, 'c> {
     val: Option<&'a LabelledSet>,
     init: Option<PathBuf>,
     pretrained: Option<PathBuf>,
+    oracle: bool,
 }
 
 fn labelled(set: &LabelledSet) -> Result<Labelled<'_>, StageError> {
@@ -468,7 +497,7 @@ fn labelled(set: &LabelledSet) -> Result<Labelled<'_>, StageError> {
 impl BackendJob for TrainJob<'_, '_> {
     type Output = ();
     fn run<B: TrainBackend>(self, device: B::Device) -> Result<(), StageError> {
-        let TrainJob { ctx, settings, config, train, val, init, pretrained } = self;
+        let TrainJob { ctx, settings, config, train, val, init, pretrained, oracle } = self;
         let mut model: Classifier<B> = config.init(settings.train.seed, &device);
         if let Some(path) = &pretrained {
             let (backbone, report) = model.backbone.load_pretrained(path)?;
@@ -488,6 +517,11 @@ impl BackendJob for TrainJob<'_, '_> {
         let out_model = ctx.output_dir("model")?;
         let out_ckpt = ctx.output_dir("checkpoints")?;
         let out_log = ctx.output_dir("log")?;
+        if oracle {
+            for dir in [&out_model, &out_ckpt, &out_log] {
+                artifact::mark_oracle(dir)?;
+            }
+        }
         let mut observer = Observer { ctx, config: &config, dir: out_ckpt, keep: settings.keep_checkpoints, kept: Vec::new(), logs: Vec::new(), epochs: settings.train.epochs };
         checkpoint::write_index(&observer.dir, &[])?;
         let final_model = train_loop::train::<B>(&device, model, &config, &settings.train, labelled(train)?, val.map(labelled).transpose()?, &mut observer)?;
@@ -589,7 +623,7 @@ fn write_logs(dir: &Path, logs: &[EpochLog], config: &ModelConfig, tc: &TrainCon
                 m.insert("val_acc".to_string(), Value::Float(v));
             }
             m.insert("lr".to_string(), Value::Float(l.lr));
-            Value::Map(m)
+            Value::Map(m.into())
         })
         .collect();
     let json = serde_json::json!({ "backend": backend, "model": config, "train": tc, "epochs": epochs });

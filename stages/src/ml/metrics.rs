@@ -50,6 +50,26 @@ pub struct Metrics {
     pub mean_class_acc: f64,
     pub groups: Vec<GroupMetrics>,
     pub per_class: Vec<ClassMetrics>,
+    /// Which true labels these are: a digest of `truth`, the class names and the labels
+    /// in order (first 16 hex digits), so a report can tell two benchmark draws, or two
+    /// sets of one size, apart. Absent in metrics written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truth_id: Option<String>,
+}
+
+/// The identity of a set of true labels (see `Metrics::truth_id`).
+pub fn truth_id(truth: &str, classes: &[String], labels: &[u32]) -> String {
+    let mut bytes = Vec::with_capacity(truth.len() + 1 + labels.len() * 4);
+    bytes.extend_from_slice(truth.as_bytes());
+    bytes.push(0);
+    for c in classes {
+        bytes.extend_from_slice(c.as_bytes());
+        bytes.push(0);
+    }
+    for l in labels {
+        bytes.extend_from_slice(&l.to_le_bytes());
+    }
+    fgflow_cache::Digest::of_bytes(&bytes).to_hex()[..16].to_string()
 }
 
 /// Score `pred` against `labels` (one class index per prediction row, in the
@@ -128,6 +148,7 @@ pub fn compute(pred: &Predictions, labels: &[u32], train_counts: Option<&[u64]>,
         mean_class_acc,
         groups,
         per_class,
+        truth_id: Some(truth_id(truth, &pred.classes, labels)),
     })
 }
 
