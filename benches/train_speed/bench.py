@@ -8,8 +8,9 @@ machine's load hits all of them. Reported: the median over repetitions of the me
 epoch rate (the first epoch of each run is dropped by the workers), the ratio to
 PyTorch, and the median peak RSS.
 
-    cargo build --release -p fgflow-stages --example train_speed
+    cargo build --release -p fgflow-stages --example train_speed [--features ndarray]
     python3 benches/train_speed/bench.py [--reps 5] [--images 640] [--epochs 3] [--threads 2]
+    python3 benches/train_speed/bench.py --infer --images 2048   # prediction with flip TTA
 
 PyTorch comes from PyPI into a throwaway virtualenv (default target/train_speed/venv;
 `--python` to use another interpreter that has torch). Writes RESULTS.md beside this
@@ -53,7 +54,9 @@ def main():
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--python", help="interpreter with torch installed")
-    ap.add_argument("--no-ndarray", action="store_true", help="skip burn's ndarray backend (slow on the CNN)")
+    ap.add_argument("--ndarray", action="store_true", help="also burn's ndarray backend (slow on the CNN; build the example with --features ndarray)")
+    ap.add_argument("--infer", action="store_true",
+                    help="time prediction (flip TTA, batch 256, no autodiff / torch.inference_mode()) instead of training; writes RESULTS-infer*.md")
     ap.add_argument("--models", default="cnn,vit,swinv2", help="comma-separated; a subset writes RESULTS-<models>.md instead of RESULTS.md")
     args = ap.parse_args()
 
@@ -63,13 +66,15 @@ def main():
     py = torch_python(args)
     torch_script = str(HERE / "torch_train.py")
     n, e, t = str(args.images), str(args.epochs), args.threads
+    mode = ["infer"] if args.infer else []
+    torch_mode = ",'cpu','infer'" if args.infer else ""
     impls = {
-        "burn-flex": lambda m: [str(exe), m, "flex", n, e],
+        "burn-flex": lambda m: [str(exe), m, "flex", n, e, *mode],
         "pytorch": lambda m: [py, "-c", f"import torch,runpy,sys; torch.set_num_threads({t}); "
-                              f"sys.argv=['torch_train.py','{m}','{n}','{e}']; runpy.run_path('{torch_script}', run_name='__main__')"],
+                              f"sys.argv=['torch_train.py','{m}','{n}','{e}'{torch_mode}]; runpy.run_path('{torch_script}', run_name='__main__')"],
     }
-    if not args.no_ndarray:
-        impls["burn-ndarray"] = lambda m: [str(exe), m, "ndarray", n, e]
+    if args.ndarray:
+        impls["burn-ndarray"] = lambda m: [str(exe), m, "ndarray", n, e, *mode]
     models = [m for m in args.models.split(",") if m]
     cells = [(m, i) for m in models for i in impls]
     rates = {c: [] for c in cells}
@@ -87,8 +92,10 @@ def main():
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     lines = [
         f"Machine: {cpu}, {os.cpu_count()} cores; {t} threads (RAYON_NUM_THREADS / torch.set_num_threads); "
-        f"batch 64, {args.images} images of 28x28x1, 345 classes, {args.epochs} epochs per run (the first dropped); "
-        f"median of {args.reps} alternating repetitions.",
+        + (f"prediction with flip TTA (two forward passes), batch 256, no autodiff / torch.inference_mode(), {args.images} images of "
+           f"28x28x1, 345 classes, {args.epochs} passes per run (the first dropped); " if args.infer else
+           f"batch 64, {args.images} images of 28x28x1, 345 classes, {args.epochs} epochs per run (the first dropped); ")
+        + f"median of {args.reps} alternating repetitions.",
         "",
         "| model | implementation | params | images/s (median) | all repetitions | vs PyTorch | peak RSS (MiB) |",
         "|---|---|---:|---:|---|---:|---:|",
@@ -103,9 +110,12 @@ def main():
                          f"{med / base:.2f}x | {statistics.median(rss[c]):.0f} |")
     table = "\n".join(lines)
     print(table)
-    out = "RESULTS.md" if models == ["cnn", "vit", "swinv2"] else f"RESULTS-{'-'.join(models)}.md"
-    (HERE / out).write_text("# Training speed: burn (fgflow) vs PyTorch on this CPU\n\n"
-                                     "Produced by `python3 benches/train_speed/bench.py`.\n\n" + table + "\n")
+    stem = "RESULTS-infer" if args.infer else "RESULTS"
+    out = f"{stem}.md" if models == ["cnn", "vit", "swinv2"] else f"{stem}-{'-'.join(models)}.md"
+    title = "Prediction speed (flip TTA)" if args.infer else "Training speed"
+    flags = " --infer" if args.infer else ""
+    (HERE / out).write_text(f"# {title}: burn (fgflow) vs PyTorch on this CPU\n\n"
+                            f"Produced by `python3 benches/train_speed/bench.py{flags}`.\n\n" + table + "\n")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ and the process's peak resident memory (ru_maxrss).
 
     python torch_train.py cnn 640 3        # model, images, epochs
     python torch_train.py cnn 640 3 cuda   # on the GPU (benches/gpu/run.sh)
+    python torch_train.py cnn 2048 3 cpu infer   # prediction: eval mode, torch.inference_mode(),
+                                                 # flip TTA (logits averaged), batch 256
 
 On a GPU the augmentation still runs on the CPU per batch, as in the Rust example, and
 `loss.item()` synchronises every step, so both sides time the same work.
@@ -131,6 +133,9 @@ def main():
 
     model = {"cnn": Cnn, "vit": Vit, "swinv2": Swinv2}[model_name]().to(device)
     params = sum(p.numel() for p in model.parameters())
+    if len(sys.argv) > 5 and sys.argv[5] == "infer":
+        infer(model, model_name, params, images, epochs, device)
+        return
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     model.train()
     rates = []
@@ -155,6 +160,25 @@ def main():
         torch.cuda.synchronize()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"impl": f"pytorch-{torch.__version__}-{device.type}", "model": model_name, "params": params,
+                      "images_per_sec": [round(r, 2) for r in rates[1:]], "peak_rss_mib": round(peak, 1)}))
+
+
+def infer(model, model_name, params, images, passes, device):
+    """Prediction as fgflow's `predict` kind does it: flip TTA, batch 256, logits read
+    back to host memory, one pass over the images per repetition."""
+    model.eval()
+    x_all = torch.from_numpy(images).float().div_(255).unsqueeze(1)
+    rates = []
+    with torch.inference_mode():
+        for _ in range(passes):
+            start = time.perf_counter()
+            for b in range(0, len(x_all), 256):
+                x = x_all[b:b + 256].to(device)
+                logits = (model(x) + model(x.flip(3))) / 2
+                logits.cpu().numpy()
+            rates.append(len(x_all) / (time.perf_counter() - start))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"impl": f"pytorch-{torch.__version__}-{device.type}", "model": model_name, "mode": "infer", "params": params,
                       "images_per_sec": [round(r, 2) for r in rates[1:]], "peak_rss_mib": round(peak, 1)}))
 
 

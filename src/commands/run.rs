@@ -207,6 +207,9 @@ fn slurm_executor(app: &App, a: &Args, p: &fgflow_engine::Pipeline) -> Result<Op
     opts.defaults.time = or(&a.time, opts.defaults.time.take());
     opts.extra.extend(a.sbatch_arg.iter().cloned());
     let bad = |e: String| CliError::Usage(format!("{}: {e}", a.pipeline.display()));
+    // Every option is checked before `sbatch` is looked for, so a bad flag is reported
+    // the same on a laptop as on a login node.
+    opts.check().map_err(bad)?;
     SlurmExecutor::check_stages(p.stages.iter().filter(|s| !s.local)).map_err(bad)?;
     if std::process::Command::new("sbatch").arg("--version").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_err() {
         return Err(CliError::Usage("--executor slurm: `sbatch` was not found on PATH (run fgflow on a Slurm login node)".into()));

@@ -5,6 +5,11 @@
 //! the first (the first pays for first-touch allocations and, on a GPU, kernel
 //! compilation) and the process's peak resident memory.
 //!
+//! With a fifth argument `infer`, it times prediction instead: the seeded model in
+//! inference mode (no autodiff), flip TTA (two forward passes, logits averaged, as the
+//! `predict` kind does), batch 256, logits read back; one pass over the images per
+//! "epoch", the first dropped.
+//!
 //! `check BACKEND [DATA_DIR]` is the GPU machine's test of a backend, since test binaries
 //! do not travel there (see `benches/gpu/run.sh`): the same seeded CNN and ViT must give
 //! flex's logits within 1e-3 on real drawings, and a CNN trained on five classes must
@@ -12,6 +17,7 @@
 //!
 //! ```text
 //! RAYON_NUM_THREADS=2 cargo run --release -p fgflow-stages --example train_speed -- cnn flex 640 3
+//! RAYON_NUM_THREADS=2 cargo run --release -p fgflow-stages --example train_speed -- cnn flex 2048 3 infer
 //! cargo run --release -p fgflow-stages --features wgpu --example train_speed -- check wgpu
 //! ```
 
@@ -100,6 +106,30 @@ impl BackendJob for Speed<'_> {
         let mut r = Rates(Vec::new());
         train::<B>(&device, model, self.config, &train_config(self.epochs, 1e-3), Labelled { images, labels: self.labels }, None, &mut r)?;
         Ok(r.0)
+    }
+}
+
+/// Images/s of every prediction pass (flip TTA, batch 256) of a seeded model.
+struct InferSpeed<'a> {
+    config: &'a ModelConfig,
+    pixels: &'a [u8],
+    n: usize,
+    passes: usize,
+}
+
+impl BackendJob for InferSpeed<'_> {
+    type Output = Vec<f64>;
+    fn run<B: TrainBackend>(self, device: B::Device) -> Result<Vec<f64>, StageError> {
+        let model = self.config.init::<B::InnerBackend>(0, &device);
+        let images = Images::new(self.n, 28, 28, 1, self.pixels).map_err(StageError::failed)?;
+        let mut rates = Vec::new();
+        for _ in 0..self.passes {
+            let start = std::time::Instant::now();
+            let logits = predict_logits(&model, images, 256, true)?;
+            std::hint::black_box(&logits);
+            rates.push(self.n as f64 / start.elapsed().as_secs_f64());
+        }
+        Ok(rates)
     }
 }
 
@@ -228,7 +258,13 @@ fn main() {
         })
         .collect();
     let labels: Vec<u32> = (0..n as u32).map(|i| i % 345).collect();
-    let all = match dispatch(backend, Speed { config: &cfg, pixels: &pixels, labels: &labels, epochs }) {
+    let infer = args.get(4).map(String::as_str) == Some("infer");
+    let run = if infer {
+        dispatch(backend, InferSpeed { config: &cfg, pixels: &pixels, n, passes: epochs })
+    } else {
+        dispatch(backend, Speed { config: &cfg, pixels: &pixels, labels: &labels, epochs })
+    };
+    let all = match run {
         Ok(all) => all,
         Err(e) => {
             eprintln!("{e}");
@@ -238,7 +274,8 @@ fn main() {
     let params = burn::module::Module::num_params(&cfg.init::<Autodiff<Flex>>(0, &Default::default()));
     let rates: Vec<String> = all[1..].iter().map(|r| format!("{r:.2}")).collect();
     println!(
-        "{{\"impl\": \"burn-{backend}\", \"model\": \"{model}\", \"params\": {params}, \"images_per_sec\": [{}], \"peak_rss_mib\": {:.1}}}",
+        "{{\"impl\": \"burn-{backend}\", \"model\": \"{model}\", \"mode\": \"{}\", \"params\": {params}, \"images_per_sec\": [{}], \"peak_rss_mib\": {:.1}}}",
+        if infer { "infer" } else { "train" },
         rates.join(", "),
         peak_rss_mib().unwrap_or(f64::NAN)
     );

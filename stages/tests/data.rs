@@ -11,7 +11,7 @@ use fgflow_engine::{Params, StageError};
 use fgflow_stages::artifact::{self, Band, Noise};
 use fgflow_stages::data::benchmark::long_tail_counts;
 
-mod support;
+use crate::support;
 use support::{describe, files};
 
 fn run(kind: &str, params: Params, root: &Path, out: &Path) -> Result<String, StageError> {

@@ -12,7 +12,7 @@ use fgflow_stages::ml::data::batch_tensor;
 use fgflow_stages::ml::efficientnet::{EfficientNetConfig, LiteVariant};
 use fgflow_stages::ml::pretrained::load_pretrained;
 
-mod support;
+use crate::support;
 
 fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/efficientnet_lite0")

@@ -23,7 +23,7 @@ use fgflow_stages::ml::predictions::Predictions;
 use fgflow_stages::ml::train_loop::{self, Labelled, Quiet, TrainConfig, post_hoc_adjust, predict_logits};
 use fgflow_stages::ml::vit::{VitConfig, VitPool};
 
-mod support;
+use crate::support;
 use support::quickdraw;
 
 type B = Flex;

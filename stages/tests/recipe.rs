@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use fgflow_engine::{Params, StageError};
 
-mod support;
+use crate::support;
 use support::{describe, files};
 
 fn run(kind: &str, params: Params, inputs: &[(&str, Vec<PathBuf>)], out: &Path) -> Result<String, StageError> {

@@ -16,7 +16,7 @@ use fgflow_stages::ml::predictions::Predictions;
 use fgflow_stages::ml::train_loop::{self, Labelled};
 use safetensors::{Dtype, SafeTensors};
 
-mod support;
+use crate::support;
 use support::quickdraw;
 
 type B = burn::backend::Flex;
@@ -366,9 +366,12 @@ fn pretrain_mae_loss_falls_and_train_starts_from_its_encoder() {
     let unlabelled = t.join("testa");
     std::fs::create_dir_all(&unlabelled).unwrap();
     artifact::write_image_set(&unlabelled, &test.images).unwrap();
-    let vit = |p: Params| {
+    // A function, not a closure: rustc 1.95.0 miscompiles this test at opt-level 2 and
+    // above when `vit` is a closure called twice (a segfault in release; see
+    // docs/rustc-1.95-miscompile.md).
+    fn vit(p: Params) -> Params {
         p.with("vit_patch", Value::Int(7)).with("vit_dim", Value::Int(32)).with("vit_depth", Value::Int(1)).with("vit_heads", Value::Int(2))
-    };
+    }
     let params = vit(Params::default())
         .with("epochs", Value::Int(8))
         .with("batch_size", Value::Int(32))

@@ -179,7 +179,7 @@ fn vit_position_embeddings_resample_as_timm_does() {
     }
 }
 
-mod support;
+use crate::support;
 
 fn swin_train_params(file: &Path) -> Params {
     Params::default()

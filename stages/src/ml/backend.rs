@@ -3,7 +3,9 @@
 //! method, so every model function is written once (`fn run<B: TrainBackend>`) and
 //! instantiated per backend by the `match` in [`dispatch`].
 //!
-//! GPU backends exist only when the crate is built with the `wgpu` / `cuda` features.
+//! GPU backends exist only when the crate is built with the `wgpu` / `cuda` features,
+//! and ndarray only with `ndarray` (every model function is instantiated once per
+//! compiled backend, so each one costs compile time; flex is the default).
 //! A binary built with them must still start on a machine without a GPU: burn's wgpu
 //! panics on first use when there is no adapter and cuda panics on the first operation
 //! when `libcuda` cannot be loaded, so the first tiny operation runs under
@@ -24,10 +26,10 @@ pub trait BackendJob {
 
 /// Run `job` on the backend called `name`.
 pub fn dispatch<J: BackendJob>(name: &str, job: J) -> Result<J::Output, StageError> {
-    use burn::backend::{Autodiff, Flex, NdArray};
+    use burn::backend::{Autodiff, Flex};
     match name {
         "flex" => job.run::<Autodiff<Flex>>(Default::default()),
-        "ndarray" => job.run::<Autodiff<NdArray>>(Default::default()),
+        "ndarray" => run_ndarray(job),
         "wgpu" => run_wgpu(job),
         "cuda" => run_cuda(job),
         other => Err(StageError::failed(format!(
@@ -35,6 +37,18 @@ pub fn dispatch<J: BackendJob>(name: &str, job: J) -> Result<J::Output, StageErr
             BACKENDS.iter().map(|b| format!("`{b}`")).collect::<Vec<_>>().join(", ")
         ))),
     }
+}
+
+#[cfg(feature = "ndarray")]
+fn run_ndarray<J: BackendJob>(job: J) -> Result<J::Output, StageError> {
+    job.run::<burn::backend::Autodiff<burn::backend::NdArray>>(Default::default())
+}
+
+#[cfg(not(feature = "ndarray"))]
+fn run_ndarray<J: BackendJob>(_job: J) -> Result<J::Output, StageError> {
+    Err(StageError::failed(
+        "backend `ndarray`: this fgflow was built without the `ndarray` feature (rebuild with `cargo build --release --features ndarray`, or use `--backend flex`)",
+    ))
 }
 
 #[cfg(feature = "wgpu")]
@@ -108,7 +122,12 @@ mod tests {
     #[test]
     fn cpu_backends_dispatch_and_unknown_is_an_error() {
         assert!(dispatch("flex", Name).is_ok());
-        assert!(dispatch("ndarray", Name).is_ok());
+        let ndarray = dispatch("ndarray", Name);
+        if cfg!(feature = "ndarray") {
+            assert!(ndarray.is_ok());
+        } else {
+            assert!(ndarray.unwrap_err().to_string().contains("built without the `ndarray` feature"));
+        }
         let err = dispatch("tpu", Name).unwrap_err().to_string();
         assert!(err.contains("unknown backend `tpu`"), "{err}");
     }

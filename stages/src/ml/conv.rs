@@ -27,7 +27,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::{Autodiff, Flex, NdArray};
+use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::{ConvOptions, FloatTensor, PadMode};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
@@ -154,7 +154,8 @@ macro_rules! cpu_conv_backend {
 }
 
 cpu_conv_backend!(Flex);
-cpu_conv_backend!(NdArray);
+#[cfg(feature = "ndarray")]
+cpu_conv_backend!(burn::backend::NdArray);
 
 #[cfg(feature = "wgpu")]
 impl ConvBackend for burn::backend::Wgpu {}
