@@ -59,6 +59,9 @@ enum Verb {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Tensor buffers stay in the heap between ops instead of being unmapped (measured
+    // up to +18% on prediction; see the module).
+    fgflow_stages::ml::allocator::keep_freed_buffers();
     // First: the Slurm executor's handler (installed later by `run`) cancels its jobs,
     // then hands the signal back to this one, which kills running commands' groups.
     fgflow_stages::kinds::stop_commands_on_interrupt();

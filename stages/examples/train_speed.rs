@@ -228,6 +228,8 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 fn main() {
+    // As the fgflow binary does, so the benchmark measures what `fgflow run` runs.
+    fgflow_stages::ml::allocator::keep_freed_buffers();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let model = args.first().map(String::as_str).unwrap_or("cnn");
     let backend = args.get(1).map(String::as_str).unwrap_or("flex");

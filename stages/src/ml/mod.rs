@@ -6,6 +6,7 @@
 //! Later stages (ensemble, soup, pseudo-labels) reuse `checkpoint`, `predictions` and
 //! `metrics` to read what these kinds write.
 
+pub mod allocator;
 pub mod augment;
 pub mod backend;
 pub mod checkpoint;

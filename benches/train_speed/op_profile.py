@@ -7,14 +7,16 @@ fgflow: `perf record --call-graph dwarf` of the train_speed example (every threa
 each sample is given to the first op family, in the order of FAMILIES, that any frame
 of its call chain matches (so a gemm kernel running inside burn's conv2d counts as
 "conv forward", one inside our weight gradient as "conv weight gradient"). A family's
-share of the samples times the measured wall time of a step gives its milliseconds.
+CPU time over the thread count is its share of a step's wall time (the whole run's wall
+time over its steps, first epoch included); the wall time no thread was sampled in is
+"threads idle or waiting" (one thread working while the other sleeps shows up there).
 
 PyTorch: torch.profiler's self CPU time per aten op over 10 steps after 3 warm-up steps
 (an op's time on the calling thread, with its intra-op threads working inside it),
 grouped into the same families by op name; per step.
 
     cargo build --release -p fgflow-stages --example train_speed
-    python3 benches/train_speed/profile.py [--models cnn,vit] [--images 640] [--epochs 4]
+    python3 benches/train_speed/op_profile.py [--models cnn,vit] [--images 640] [--epochs 6] [--freq 199]
 
 Needs `perf` (Debian: linux-perf) and the venv bench.py makes. Writes PROFILE.md
 beside this script and prints the same tables.
@@ -24,10 +26,10 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -51,7 +53,7 @@ FAMILIES = [
     ("data (augment, batch to tensor)", r"ml::augment|ml::data::|randaugment", None),
     ("memory (alloc, zero, copy, layout)", r"memset|memmove|memcpy|malloc|_int_free|cfree|page_fault|FlexTensor::empty|filled_typed|into_contiguous|strided_index|ops::cat|permute|reshape|copy",
      r"copy_|contiguous|clone|empty|cat|view|reshape|transpose|permute|flatten|expand|as_strided|::to$|_to_copy|stack|index|select|slice|unsqueeze|::t$|detach|resolve"),
-    ("threads waiting (rayon)", r"rayon|crossbeam|sched_yield|futex|std::thread|__GI___sched", None),
+    ("threads idle or waiting", r"rayon|crossbeam|sched_yield|futex|std::thread|__GI___sched", None),
 ]
 OTHER = "other"
 
@@ -70,25 +72,31 @@ def family_of_op(op):
     return OTHER
 
 
-def fgflow_profile(exe, model, images, epochs, threads, workdir):
+def fgflow_profile(exe, model, images, epochs, threads, freq, workdir):
     data = Path(workdir) / f"{model}.perf"
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    rec = subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "499", "--call-graph", "dwarf,16384", "-o", str(data), "--",
+    started = time.perf_counter()
+    rec = subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", str(freq), "--call-graph", "dwarf,16384", "-o", str(data), "--",
                           str(exe), model, "flex", str(images), str(epochs)], env=env, capture_output=True, text=True, check=True)
-    line = [l for l in rec.stdout.splitlines() if l.startswith("{")][-1]
-    rate = statistics.median(json.loads(line)["images_per_sec"])
-    script = subprocess.run(["perf", "script", "-i", str(data), "-F", "sym"], capture_output=True, text=True, check=True).stdout
-    counts, frames = Counter(), []
-    for l in script.splitlines() + [""]:
-        l = l.strip()
-        if l:
-            frames.append(l)
-        elif frames:
-            counts[family_of_chain(frames)] += 1
-            frames = []
-    step_ms = 64 / rate * 1000
-    total = sum(counts.values())
-    return {f: step_ms * c / total for f, c in counts.items()}, step_ms, total
+    wall = time.perf_counter() - started
+    script = subprocess.run(["perf", "script", "-i", str(data), "-F", "tid,ip,sym"], capture_output=True, text=True, check=True).stdout
+    # A sample is a header line (the thread id) followed by its frames, "<address> <symbol>".
+    counts, frames, started = Counter(), [], False
+    for l in script.splitlines() + ["end"]:
+        m = re.match(r"^\s+[0-9a-f]+\s+(.*)$", l)
+        if m:
+            frames.append(m.group(1))
+        elif l.strip():
+            if started:
+                counts[family_of_chain(frames)] += 1
+            started, frames = True, []
+    # cpu-clock samples only running threads: a family's CPU time over the thread count
+    # is its share of the wall time, and what no thread was sampled doing is idle.
+    steps = epochs * -(-images // 64)
+    step_ms = wall / steps * 1000
+    fams = {f: c / freq / threads / steps * 1000 for f, c in counts.items()}
+    fams["threads idle or waiting"] = fams.get("threads idle or waiting", 0.0) + max(0.0, step_ms - sum(fams.values()))
+    return fams, step_ms, sum(counts.values())
 
 
 TORCH_PROFILE = r"""
@@ -146,7 +154,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="cnn,vit")
     ap.add_argument("--images", type=int, default=640)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--freq", type=int, default=199, help="perf samples per second and thread (unwinding each costs time: keep it low)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--python", help="interpreter with torch installed")
     args = ap.parse_args()
@@ -156,11 +165,11 @@ def main():
     py = torch_python(args)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     out = [f"Machine: {cpu}, {os.cpu_count()} cores, {args.threads} threads; batch 64, 28x28x1, 345 classes. "
-           f"fgflow: perf samples at 499 Hz over {args.epochs} epochs of {args.images} images, shares of the median step's wall time; "
+           f"fgflow: perf samples at {args.freq} Hz over {args.epochs} epochs of {args.images} images, CPU time / threads per step (first epoch included); "
            "PyTorch: torch.profiler self CPU time per op, 10 steps after 3 warm-up steps.", ""]
     with tempfile.TemporaryDirectory() as work:
         for model in args.models.split(","):
-            fg, fg_step, samples = fgflow_profile(exe, model, args.images, args.epochs, args.threads, work)
+            fg, fg_step, samples = fgflow_profile(exe, model, args.images, args.epochs, args.threads, args.freq, work)
             th, th_step = torch_profile(py, model, args.threads)
             out += [f"### {model}: one training step, fgflow {fg_step:.0f} ms, PyTorch {th_step:.0f} ms ({samples} fgflow samples)", "",
                     "| op family | fgflow ms | PyTorch ms | fgflow / PyTorch |", "|---|---:|---:|---:|"]
@@ -176,7 +185,7 @@ def main():
     text = "\n".join(out)
     print(text)
     (HERE / "PROFILE.md").write_text("# One training step, op family by op family: fgflow vs PyTorch on this CPU\n\n"
-                                     "Produced by `python3 benches/train_speed/profile.py`.\n\n" + text + "\n")
+                                     "Produced by `python3 benches/train_speed/op_profile.py`.\n\n" + text + "\n")
 
 
 if __name__ == "__main__":
