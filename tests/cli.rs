@@ -311,7 +311,7 @@ fn touched_but_unchanged_sources_are_rehashed_once_and_rerun_nothing() {
     assert_eq!(with_status(&d.json(&["run", "s.ron", "--json"]), "ran"), ["head"]);
 }
 
-/// The whole recipe, cold (about 15 minutes on 2 cores): `cargo test --release -- --ignored`.
+/// The whole recipe, cold (about 8 minutes on 2 cores in release): `cargo test --release -- --ignored`.
 #[test]
 #[ignore = "heavy: trains a dozen models"]
 fn the_whole_recipe_runs_end_to_end() {
