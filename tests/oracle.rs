@@ -50,9 +50,9 @@ fn oracle_set_has_the_true_labels_and_no_open_set_image() {
     let truth = artifact::read_ground_truth(&x.join("truth")).unwrap();
     let oracle = artifact::read_oracle_set(&x.join("oracle")).unwrap();
     assert!(artifact::is_oracle(&x.join("oracle")) && !artifact::is_oracle(&x.join("train")));
-    let kept: Vec<usize> = (0..train.images.n).filter(|&i| truth.train_noise[i] != Noise::OpenSet).collect();
-    assert!(kept.len() < train.images.n, "the benchmark has open-set images");
-    assert_eq!(oracle.images.n, kept.len());
+    let kept: Vec<usize> = (0..train.images.n()).filter(|&i| truth.train_noise[i] != Noise::OpenSet).collect();
+    assert!(kept.len() < train.images.n(), "the benchmark has open-set images");
+    assert_eq!(oracle.images.n(), kept.len());
     assert_eq!(oracle.images.classes, train.images.classes);
     for (j, &i) in kept.iter().enumerate() {
         assert_eq!(oracle.images.ids[j], train.images.ids[i]);

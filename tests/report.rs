@@ -163,11 +163,13 @@ fn report_of_a_pipeline_never_run_or_of_a_thousand_stages_stays_light() {
 #[test]
 fn compare_shows_the_changed_parameter_and_both_results_after_an_edit() {
     let d = Dir::new();
+    // Two rates whose tiny models differ in their test-A metrics (equal metrics would
+    // give the report one key, rightly, and one run to compare).
     let root = copy_quickdraw(&d);
-    let file = d.write("pipelines/tiny.ron", &tiny_recipe(&root, "0.01"));
+    let file = d.write("pipelines/tiny.ron", &tiny_recipe(&root, "0.003"));
     let f = file.to_str().unwrap();
     d.ok(&["run", f, "-q"]);
-    d.write("pipelines/tiny.ron", &tiny_recipe(&root, "0.02"));
+    d.write("pipelines/tiny.ron", &tiny_recipe(&root, "0.01"));
     d.ok(&["run", f, "-q"]);
     let j = d.json(&["compare", f, "--stage", "e_a", "--stage", "net", "--json"]);
     let groups = j["stages"].as_array().unwrap();
@@ -178,8 +180,8 @@ fn compare_shows_the_changed_parameter_and_both_results_after_an_edit() {
         runs.sort_by_key(|r| r["params"]["net.lr"].as_str().unwrap_or("").to_string());
         assert_eq!(runs.len(), 2, "both runs of {}: {j}", g["stage"]);
         assert_eq!(g["changed"], serde_json::json!(["net.lr"]), "only the edited parameter: {j}");
-        assert_eq!(runs[0]["params"]["net.lr"], "0.01");
-        assert_eq!(runs[1]["params"]["net.lr"], "0.02");
+        assert_eq!(runs[0]["params"]["net.lr"], "0.003");
+        assert_eq!(runs[1]["params"]["net.lr"], "0.01");
         assert_eq!(runs[0]["last_run_of"].as_array().unwrap().len(), 0);
         assert_eq!(runs[1]["last_run_of"][0], f);
         let metric = if g["stage"] == "net" { "loss" } else { "top1" };

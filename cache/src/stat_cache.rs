@@ -117,41 +117,71 @@ impl StatCache {
         Ok(())
     }
 
-    /// Digest of one file's content.
-    pub fn file_digest(&mut self, path: &Path) -> Result<Digest> {
+    /// A file's digest from its record when its stat still matches (and is not racy),
+    /// else hashed, with the record to keep. Reads `self` only, so many run at once.
+    fn probe(&self, path: &Path) -> Result<(Digest, Option<(String, Record)>, u64)> {
         let meta = fs::metadata(path).map_err(io_err(path))?;
         let stat = Stat::of(&meta);
         let key = path.to_string_lossy().into_owned();
-        if let Some(r) = self.records.get(&key) {
-            if r.stat == stat && r.recorded_ns - stat.mtime_ns > RACY_NS {
-                self.counts.cached += 1;
-                return Ok(r.digest);
-            }
+        if let Some(r) = self.records.get(&key)
+            && r.stat == stat
+            && r.recorded_ns - stat.mtime_ns > RACY_NS
+        {
+            return Ok((r.digest, None, 0));
         }
         let digest = Digest::of_file(path).map_err(io_err(path))?;
-        self.counts.hashed += 1;
-        self.counts.bytes_hashed += stat.size;
-        self.records.insert(key, Record { stat, recorded_ns: now_ns(), digest });
-        self.dirty = true;
-        Ok(digest)
+        let size = stat.size;
+        Ok((digest, Some((key, Record { stat, recorded_ns: now_ns(), digest })), size))
+    }
+
+    fn keep(&mut self, probed: (Digest, Option<(String, Record)>, u64)) -> Digest {
+        let (digest, record, size) = probed;
+        match record {
+            None => self.counts.cached += 1,
+            Some((key, r)) => {
+                self.counts.hashed += 1;
+                self.counts.bytes_hashed += size;
+                self.records.insert(key, r);
+                self.dirty = true;
+            }
+        }
+        digest
+    }
+
+    /// Digest of one file's content.
+    pub fn file_digest(&mut self, path: &Path) -> Result<Digest> {
+        let probed = self.probe(path)?;
+        Ok(self.keep(probed))
     }
 
     /// Digest of a file, or of a directory's listing (relative path + content digest of
     /// every file, sorted). Only content and relative names count, never the location.
+    /// A directory's files are looked up and, where needed, hashed on every core (a
+    /// folder of 10^5 images is mostly small files, which one thread would hash one by
+    /// one); the first error in file order is the one reported.
     pub fn path_digest(&mut self, path: &Path) -> Result<Digest> {
         let meta = fs::metadata(path).map_err(io_err(path))?;
         if meta.is_file() {
             return self.file_digest(path);
         }
-        let mut listing = Vec::new();
+        let mut files = Vec::new();
         for entry in walkdir::WalkDir::new(path).sort_by_file_name() {
             let entry = entry.map_err(|e| CacheError::Io { path: path.to_path_buf(), source: e.into() })?;
             if !entry.file_type().is_file() {
                 continue;
             }
-            let rel = entry.path().strip_prefix(path).expect("walkdir yields paths under its root");
-            let d = self.file_digest(entry.path())?;
-            listing.extend_from_slice(rel.to_string_lossy().as_bytes());
+            let rel = entry.path().strip_prefix(path).expect("walkdir yields paths under its root").to_string_lossy().into_owned();
+            files.push((rel, entry.into_path()));
+        }
+        let probed: Vec<Result<_>> = {
+            use rayon::prelude::*;
+            let this = &*self;
+            files.par_iter().map(|(_, p)| this.probe(p)).collect()
+        };
+        let mut listing = Vec::new();
+        for ((rel, _), p) in files.iter().zip(probed) {
+            let d = self.keep(p?);
+            listing.extend_from_slice(rel.as_bytes());
             listing.push(0);
             listing.extend_from_slice(&d.0);
         }

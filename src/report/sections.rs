@@ -136,9 +136,16 @@ fn spread(len: usize, n: usize) -> Vec<usize> {
     (0..n).map(|k| k * len / n).collect()
 }
 
+/// Thumbnails are at most this many pixels on a side (imported photos are large).
+const THUMB_SIDE: usize = 96;
+
 fn thumb(set: &artifact::ImageSet, i: usize, caption: &str) -> String {
-    let px = set.image(i);
-    match png::data_uri(set.width, set.height, set.channels, px) {
+    let Ok(img) = set.image(i) else { return String::new() };
+    let (h, w, c) = (img.height, img.width, img.channels);
+    let scale = (THUMB_SIDE as f64 / h.max(w) as f64).min(1.0);
+    let target = fgflow_stages::store::Target { height: ((h as f64 * scale).round() as usize).max(1), width: ((w as f64 * scale).round() as usize).max(1), channels: c };
+    let Ok(px) = fgflow_stages::ml::resize::fit(img, target, None) else { return String::new() };
+    match png::data_uri(target.width, target.height, c, &px) {
         Some(uri) => {
             format!("<figure><img src=\"{uri}\" alt=\"{}\"><figcaption>{caption}</figcaption></figure>", esc(set.ids.get(i).map(String::as_str).unwrap_or("")))
         }
@@ -170,7 +177,7 @@ fn dataset(r: &Reader, v: &StageView) -> Result<Section, String> {
     let sorted: Vec<usize> = order.iter().map(|&k| counts[k]).collect();
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0);
     html.push_str(&big(&[
-        ("training images", set.images.n.to_string()),
+        ("training images", set.images.n().to_string()),
         ("classes", set.n_classes().to_string()),
         ("largest / median / smallest class", format!("{} / {median} / {}", sorted.first().copied().unwrap_or(0), sorted.last().copied().unwrap_or(0))),
     ]));
@@ -187,7 +194,7 @@ fn dataset(r: &Reader, v: &StageView) -> Result<Section, String> {
     let mut data = json!({ "classes": order.iter().map(|&k| json!({ "class": class_name(&set.images.classes, k), "count": counts[k], "band": bands[k].name() })).collect::<Vec<_>>() });
     // Label noise by type, when the benchmark's hidden truth is there.
     if let Some(Ok(t)) = v.output("truth").map(|d| r.truth(&d)) {
-        if t.train_noise.len() == set.images.n {
+        if t.train_noise.len() == set.images.n() {
             let names = ["clean", "uniform", "near_class", "open_set"];
             let colours = [HEAD, MIDDLE, TAIL, PALETTE[6]];
             let mut per: Vec<[usize; 4]> = vec![[0; 4]; set.n_classes()];
@@ -212,7 +219,7 @@ fn dataset(r: &Reader, v: &StageView) -> Result<Section, String> {
             let rows: Vec<Vec<String>> = names
                 .iter()
                 .zip(&total)
-                .map(|(n, c)| vec![n.to_string(), c.to_string(), format!("{:.1}%", 100.0 * *c as f64 / set.images.n.max(1) as f64)])
+                .map(|(n, c)| vec![n.to_string(), c.to_string(), format!("{:.1}%", 100.0 * *c as f64 / set.images.n().max(1) as f64)])
                 .collect();
             html.push_str(&html_table(&["label", "images", "share"], &rows));
             data["noise"] = json!(names.iter().zip(&total).map(|(n, c)| (n.to_string(), json!(c))).collect::<serde_json::Map<_, _>>());
@@ -255,15 +262,15 @@ fn clean(r: &Reader, v: &StageView) -> Result<Section, String> {
     let before = r.labelled(&v.input("train").ok_or("no `train` input recorded")?)?;
     let after = r.labelled(&out(v, "train")?)?;
     let mut html = big(&[
-        ("images", u(&rep, "n").unwrap_or(before.images.n as u64).to_string()),
-        ("kept", u(&rep, "kept").unwrap_or(after.images.n as u64).to_string()),
-        ("dropped", u(&rep, "dropped").unwrap_or((before.images.n - after.images.n.min(before.images.n)) as u64).to_string()),
+        ("images", u(&rep, "n").unwrap_or(before.images.n() as u64).to_string()),
+        ("kept", u(&rep, "kept").unwrap_or(after.images.n() as u64).to_string()),
+        ("dropped", u(&rep, "dropped").unwrap_or((before.images.n() - after.images.n().min(before.images.n())) as u64).to_string()),
         ("precision of the drops", pct(rep.get("noise").and_then(|n| f(n, "precision")))),
         ("noisy labels caught", pct(rep.get("noise").and_then(|n| f(n, "recall")))),
     ]);
     let c = before.n_classes();
     let kept_ids: HashSet<&str> = after.images.ids.iter().map(String::as_str).collect();
-    let dropped: Vec<usize> = (0..before.images.n).filter(|&i| !kept_ids.contains(before.images.ids[i].as_str())).collect();
+    let dropped: Vec<usize> = (0..before.images.n()).filter(|&i| !kept_ids.contains(before.images.ids[i].as_str())).collect();
     let total = artifact::class_counts(&before.labels, c);
     let mut lost = vec![0usize; c];
     for &i in &dropped {
@@ -322,7 +329,7 @@ fn clean(r: &Reader, v: &StageView) -> Result<Section, String> {
     }
     // What was dropped, with the given label, the held-out model's class and the truth.
     let oof = r.predictions(&report_tree, "oof").ok();
-    let truth = v.input("truth").and_then(|d| r.truth(&d).ok()).filter(|t| t.train_noise.len() == before.images.n);
+    let truth = v.input("truth").and_then(|d| r.truth(&d).ok()).filter(|t| t.train_noise.len() == before.images.n());
     if !dropped.is_empty() {
         let _ = write!(
             html,
@@ -334,7 +341,7 @@ fn clean(r: &Reader, v: &StageView) -> Result<Section, String> {
             let i = dropped[k];
             let given = class_name(&before.images.classes, before.labels[i] as usize);
             let mut cap = esc(given);
-            if let Some(p) = oof.as_ref().filter(|p| p.n() == before.images.n) {
+            if let Some(p) = oof.as_ref().filter(|p| p.n() == before.images.n()) {
                 let top = fgflow_stages::ml::predictions::argmax(p.probs_row(i));
                 let _ = write!(cap, "<br><span class=\"muted\">{}</span>", esc(class_name(&p.classes, top)));
             }
@@ -386,7 +393,7 @@ fn pseudo(r: &Reader, v: &StageView) -> Result<Section, String> {
     if let (Ok(after), Some(before)) = (r.labelled(&out(v, "train")?), v.input("train")) {
         let before_ids: HashSet<String> = r.labelled(&before).map(|b| b.images.ids.iter().cloned().collect()).unwrap_or_default();
         let added: Vec<usize> =
-            (0..after.images.n).filter(|&i| after.images.ids[i].starts_with("pseudo:") && !before_ids.contains(&after.images.ids[i])).collect();
+            (0..after.images.n()).filter(|&i| after.images.ids[i].starts_with("pseudo:") && !before_ids.contains(&after.images.ids[i])).collect();
         // Truth of each test image, by id, through the `images` input (same order as the split's labels).
         let split = v
             .recorded()

@@ -28,6 +28,9 @@ use fgflow_stages::ml::backend::{BackendJob, dispatch};
 use fgflow_stages::ml::cnn::CnnConfig;
 use fgflow_stages::ml::conv::TrainBackend;
 use fgflow_stages::ml::data::Images;
+use fgflow_stages::store::Target;
+
+const T28: Target = Target { height: 28, width: 28, channels: 1 };
 use fgflow_stages::ml::head::HeadConfig;
 use fgflow_stages::ml::loss::LossConfig;
 use fgflow_stages::ml::model::{BackboneConfig, Classifier, MODEL_FORMAT, ModelConfig};
@@ -86,7 +89,8 @@ fn train_config(epochs: usize, lr: f64) -> TrainConfig {
         label_smoothing: 0.0,
         margin_x: 0.45,
         margin_y: 0.05,
-        augment: AugmentConfig { shift: 2, flip: 0.5, erase: 0.25, randaugment_n: 0, randaugment_m: 0 },
+        augment: AugmentConfig { shift: 2, flip: 0.5, erase: 0.25, randaugment_n: 0, randaugment_m: 0, crop_scale: 0.0 },
+        max_steps: None,
     }
 }
 
@@ -104,7 +108,7 @@ impl BackendJob for Speed<'_> {
         let model = self.config.init::<B>(0, &device);
         let images = Images::new(self.labels.len(), 28, 28, 1, self.pixels).map_err(StageError::failed)?;
         let mut r = Rates(Vec::new());
-        train::<B>(&device, model, self.config, &train_config(self.epochs, 1e-3), Labelled { images, labels: self.labels }, None, &mut r)?;
+        train::<B>(&device, model, self.config, &train_config(self.epochs, 1e-3), Labelled { images: &images, labels: self.labels }, None, &mut r)?;
         Ok(r.0)
     }
 }
@@ -125,7 +129,7 @@ impl BackendJob for InferSpeed<'_> {
         let mut rates = Vec::new();
         for _ in 0..self.passes {
             let start = std::time::Instant::now();
-            let logits = predict_logits(&model, images, 256, true)?;
+            let logits = predict_logits(&model, T28, &images, 256, true)?;
             std::hint::black_box(&logits);
             rates.push(self.n as f64 / start.elapsed().as_secs_f64());
         }
@@ -179,18 +183,19 @@ impl BackendJob for Check<'_> {
         let test = Images::new(tl.len(), 28, 28, 1, tp).map_err(StageError::failed)?;
         let mut logits = Vec::new();
         for c in self.configs {
-            logits.push(predict_logits(&c.init::<B::InnerBackend>(3, &device), test, 32, true)?);
+            logits.push(predict_logits(&c.init::<B::InnerBackend>(3, &device), T28, &test, 32, true)?);
         }
         let cnn = &self.configs[0];
         let (p, l) = &self.data.train;
-        let train_set = Labelled { images: Images::new(l.len(), 28, 28, 1, p).map_err(StageError::failed)?, labels: l };
+        let train_images = Images::new(l.len(), 28, 28, 1, p).map_err(StageError::failed)?;
+        let train_set = Labelled { images: &train_images, labels: l };
         // stages/tests/ml.rs's settings for this set (`quick_train_config`).
         let mut tc = train_config(self.epochs, 3e-3);
         tc.batch_size = 32;
         tc.warmup_epochs = 0.5;
         tc.augment.erase = 0.0;
         let trained = train::<B>(&device, cnn.init::<B>(0, &device), cnn, &tc, train_set, None, &mut Rates(Vec::new()))?;
-        let accuracy = accuracy(&trained, cnn, Labelled { images: test, labels: tl }, 64)?;
+        let accuracy = accuracy(&trained, cnn, Labelled { images: &test, labels: tl }, 64)?;
         Ok(Checked { logits, accuracy })
     }
 }

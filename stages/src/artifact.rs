@@ -8,21 +8,24 @@
 //! artifact digests): no timestamps, JSON keys sorted, tensors in a fixed order.
 //!
 //! **Image set** (`image_set`: test A, test B) and **labelled set** (`labelled_set`:
-//! training, validation) directory:
+//! training, validation) directory (set format version 2):
 //!
-//! - `images.safetensors`
-//!   - `images`: `U8 [N, H, W, C]`, row-major NHWC, 0 = black; C is 1 (gray) or 3 (RGB).
+//! - `store/`: the image store the rows refer to (`crate::store`: shards of images
+//!   stored once by content, its index and `store.json`). Every set made from another
+//!   (cleaning, pseudo-labels, merges) carries the same store files, so the cache holds
+//!   their bytes once and the new set costs its rows.
+//! - `rows.safetensors`
+//!   - `image`: `I64 [N]`, each row's image: its index in the store.
 //!   - `labels`: `I64 [N]`, class ids, only in a labelled set. (i64 so that
 //!     `torch.from_numpy` gives the dtype `cross_entropy` wants.)
 //! - `classes.json`:
 //!   ```json
-//!   { "channels": 1, "classes": [{"id": 0, "name": "airplane"}, ...],
-//!     "format": "fgflow.image_set", "height": 28, "ids": ["train/00000", ...],
-//!     "labelled": true, "n": 7826, "version": 1, "width": 28 }
+//!   { "classes": [{"id": 0, "name": "airplane"}, ...], "format": "fgflow.image_set",
+//!     "ids": ["train/00000", ...], "labelled": true, "n": 7826, "version": 2 }
 //!   ```
 //!   `classes` is the label space (id = index), the same for every set of one data set;
-//!   `ids` names each image (its path for imported folders; an opaque `<set>/<index>`
-//!   for the benchmark, whose provenance would give the answer away).
+//!   `ids` names each row's image (its path for imported folders; an opaque
+//!   `<set>/<index>` for the benchmark, whose provenance would give the answer away).
 //!
 //! **Ground truth** (`ground_truth`, only evaluation stages may read it) directory:
 //!
@@ -37,7 +40,7 @@
 //!   came from, e.g. `quickdraw/cat/17`), `version`.
 //!
 //! **Oracle set** (`oracle_set`: `quickdraw`'s `oracle` output, the ceiling) directory:
-//! a labelled set as above (`images.safetensors` with `images` and `labels`,
+//! a labelled set as above (`store/`, `rows.safetensors` with `image` and `labels`,
 //! `classes.json`), holding the training images that are not open-set, in the training
 //! set's order and with its ids, and their TRUE labels, plus the oracle mark
 //! `oracle.json`. Open it as a labelled set.
@@ -55,89 +58,151 @@
 //! ```python
 //! import json, os
 //! from safetensors.numpy import load_file
-//! t = load_file("train/images.safetensors")   # t["images"]: (N, H, W, C) uint8, t["labels"]: (N,) int64
+//! r = load_file("train/rows.safetensors")    # r["image"]: (N,) int64 store index, r["labels"]: (N,) int64
 //! meta = json.load(open("train/classes.json"))
 //! names = [c["name"] for c in meta["classes"]]
-//! o = load_file("oracle/images.safetensors")  # same keys; o["labels"] are the true labels
+//! pixels = [image(i) for i in r["image"]]    # image(): see `crate::store`'s example
 //! is_oracle = os.path.exists("oracle/oracle.json")
 //! ```
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
+use std::sync::Arc;
+
+use crate::store::{Image, STORE_DIR, Store, Target};
 
 use fgflow_engine::StageError;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
-pub const IMAGES_FILE: &str = "images.safetensors";
+pub const ROWS_FILE: &str = "rows.safetensors";
 pub const CLASSES_FILE: &str = "classes.json";
 pub const TRUTH_TENSORS_FILE: &str = "truth.safetensors";
 pub const TRUTH_JSON_FILE: &str = "truth.json";
 pub const FORMAT_VERSION: u32 = 1;
+/// Sets: 2 = rows over an image store (1 held every set's pixels).
+pub const SET_FORMAT_VERSION: u32 = 2;
 const IMAGE_SET_FORMAT: &str = "fgflow.image_set";
 const TRUTH_FORMAT: &str = "fgflow.ground_truth";
 
-/// Images, all of one size, with the label space they belong to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Rows over an image store, with the label space they belong to.
+#[derive(Debug, Clone)]
 pub struct ImageSet {
-    pub n: usize,
-    pub height: usize,
-    pub width: usize,
-    pub channels: usize,
-    /// `n * height * width * channels` bytes, row-major NHWC.
-    pub pixels: Vec<u8>,
-    /// One per image: a file path, or `<set>/<index>` for the benchmark.
+    /// The images (shared by every set made from this one).
+    pub store: Arc<Store>,
+    /// Each row's image: its index in `store`.
+    pub rows: Vec<u32>,
+    /// One per row: a file path, or `<set>/<index>` for the benchmark.
     pub ids: Vec<String>,
     /// Class names of the label space; index = class id.
     pub classes: Vec<String>,
 }
 
+/// Equal rows of equal stores with equal names: the same set.
+impl PartialEq for ImageSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.store.identity() == other.store.identity() && self.rows == other.rows && self.ids == other.ids && self.classes == other.classes
+    }
+}
+impl Eq for ImageSet {}
+
 impl ImageSet {
-    pub fn empty(height: usize, width: usize, channels: usize, classes: Vec<String>) -> Self {
-        ImageSet { n: 0, height, width, channels, pixels: Vec::new(), ids: Vec::new(), classes }
-    }
-
-    /// Bytes per image.
-    pub fn image_len(&self) -> usize {
-        self.height * self.width * self.channels
-    }
-
-    /// The pixels of image `i` (HWC). Panics if `i >= n`, like slice indexing.
-    pub fn image(&self, i: usize) -> &[u8] {
-        let len = self.image_len();
-        &self.pixels[i * len..(i + 1) * len]
-    }
-
-    /// The images at `indices`, in that order (for cleaning, pseudo-labels, subsets).
-    pub fn select(&self, indices: &[usize]) -> ImageSet {
-        let mut pixels = Vec::with_capacity(indices.len() * self.image_len());
-        for &i in indices {
-            pixels.extend_from_slice(self.image(i));
+    /// A set over raw pixels held in memory (`n` images of `height x width x channels`,
+    /// HWC, one after another): the generated benchmark's, and tests'.
+    pub fn from_pixels(height: usize, width: usize, channels: usize, pixels: Vec<u8>, ids: Vec<String>, classes: Vec<String>) -> Result<Self, String> {
+        if channels != 1 && channels != 3 {
+            return Err(format!("{channels} channels (1 or 3 supported)"));
         }
+        let n = if height * width * channels == 0 { 0 } else { pixels.len() / (height * width * channels) };
+        if ids.len() != n {
+            return Err(format!("{} ids for {n} images", ids.len()));
+        }
+        let (store, rows) = Store::in_memory(height, width, channels, pixels)?;
+        Ok(ImageSet { store: Arc::new(store), rows, ids, classes })
+    }
+
+    /// No rows, over the given store.
+    pub fn empty_over(store: Arc<Store>, classes: Vec<String>) -> Self {
+        ImageSet { store, rows: Vec::new(), ids: Vec::new(), classes }
+    }
+
+    pub fn n(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Channels every image decodes to.
+    pub fn channels(&self) -> usize {
+        self.store.encoding().channels()
+    }
+
+    /// The size all images have, when the store fixes one (raw pixels).
+    pub fn native_size(&self) -> Option<(usize, usize)> {
+        self.store.encoding().size()
+    }
+
+    /// Image `i` decoded at its own size; an error names its id.
+    pub fn image(&self, i: usize) -> Result<Image<'_>, String> {
+        let row = *self.rows.get(i).ok_or_else(|| format!("row {i} is out of range ({} rows)", self.rows.len()))?;
+        self.store.decode(row as usize).map_err(|e| format!("image `{}`: {e}", self.ids.get(i).map_or("?", |s| s.as_str())))
+    }
+
+    /// The rows at `indices`, in that order, over the same store (no image is copied).
+    pub fn select(&self, indices: &[usize]) -> ImageSet {
         ImageSet {
-            n: indices.len(),
-            height: self.height,
-            width: self.width,
-            channels: self.channels,
-            pixels,
+            store: self.store.clone(),
+            rows: indices.iter().map(|&i| self.rows[i]).collect(),
             ids: indices.iter().map(|&i| self.ids[i].clone()).collect(),
             classes: self.classes.clone(),
         }
     }
 
+    /// This set's rows followed by `other`'s; both must be over one store.
+    pub fn concat(&self, other: &ImageSet) -> Result<ImageSet, String> {
+        if self.store.identity() != other.store.identity() {
+            return Err("the two sets are over different image stores (sets of different data sets cannot be merged)".into());
+        }
+        if self.classes != other.classes {
+            return Err("the two sets have different label spaces".into());
+        }
+        let mut out = self.clone();
+        out.rows.extend_from_slice(&other.rows);
+        out.ids.extend(other.ids.iter().cloned());
+        Ok(out)
+    }
+
     /// Internal consistency; the writer refuses a set that fails it.
     pub fn check(&self) -> Result<(), String> {
-        if self.channels != 1 && self.channels != 3 {
-            return Err(format!("{} channels (1 or 3 supported)", self.channels));
+        if !matches!(self.channels(), 1 | 3) {
+            return Err(format!("{} channels (1 or 3 supported)", self.channels()));
         }
-        if self.pixels.len() != self.n * self.image_len() {
-            return Err(format!("{} pixel bytes for {} images of {}x{}x{}", self.pixels.len(), self.n, self.height, self.width, self.channels));
+        if let Some(&bad) = self.rows.iter().find(|&&r| r as usize >= self.store.len()) {
+            return Err(format!("row refers to image {bad}, the store has {}", self.store.len()));
         }
-        if self.ids.len() != self.n {
-            return Err(format!("{} ids for {} images", self.ids.len(), self.n));
+        if self.ids.len() != self.rows.len() {
+            return Err(format!("{} ids for {} rows", self.ids.len(), self.rows.len()));
         }
         Ok(())
+    }
+}
+
+/// The input a model trained on `sets` takes: `image_size` square when given (> 0),
+/// else the size every image of the sets already has (a generated benchmark's); the
+/// channels of the sets, which must agree.
+pub fn model_input(sets: &[&ImageSet], image_size: usize) -> Result<Target, String> {
+    let Some(first) = sets.first() else { return Err("no image set".into()) };
+    let channels = first.channels();
+    if let Some(other) = sets.iter().find(|s| s.channels() != channels) {
+        return Err(format!("the image sets differ in channels: {channels} and {}", other.channels()));
+    }
+    if image_size > 0 {
+        return Ok(Target { height: image_size, width: image_size, channels });
+    }
+    let size = first.native_size();
+    match size {
+        Some((height, width)) if sets.iter().all(|s| s.native_size() == size) => Ok(Target { height, width, channels }),
+        Some(_) => Err("the image sets differ in size: set `image_size` to bring them to one".into()),
+        None => Err("the images have no one size (files as they came): set `image_size`, the resolution to train at".into()),
     }
 }
 
@@ -159,8 +224,8 @@ impl LabelledSet {
 
     pub fn check(&self) -> Result<(), String> {
         self.images.check()?;
-        if self.labels.len() != self.images.n {
-            return Err(format!("{} labels for {} images", self.labels.len(), self.images.n));
+        if self.labels.len() != self.images.n() {
+            return Err(format!("{} labels for {} images", self.labels.len(), self.images.n()));
         }
         check_labels("labels", &self.labels, self.n_classes())
     }
@@ -277,15 +342,12 @@ struct ClassEntry {
 
 #[derive(Serialize, Deserialize)]
 struct SetMeta {
-    channels: usize,
     classes: Vec<ClassEntry>,
     format: String,
-    height: usize,
     ids: Vec<String>,
     labelled: bool,
     n: usize,
     version: u32,
-    width: usize,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -399,24 +461,23 @@ fn required_labels(path: &Path, name: &str, bytes: &[u8], n_classes: usize) -> R
 
 fn write_set(dir: &Path, s: &ImageSet, labels: Option<&[u32]>) -> Result<(), StageError> {
     s.check().map_err(|e| StageError::failed(format!("refusing to write an inconsistent image set to {}: {e}", dir.display())))?;
+    s.store.write_to(&dir.join(STORE_DIR))?;
+    let rows = i64_bytes(s.rows.iter().map(|&v| v as i64));
     let label_bytes = labels.map(|l| i64_bytes(l.iter().map(|&v| v as i64)));
-    let mut tensors = vec![("images", Dtype::U8, vec![s.n, s.height, s.width, s.channels], s.pixels.as_slice())];
+    let mut tensors = vec![("image", Dtype::I64, vec![s.n()], rows.as_slice())];
     if let Some(b) = &label_bytes {
-        tensors.push(("labels", Dtype::I64, vec![s.n], b.as_slice()));
+        tensors.push(("labels", Dtype::I64, vec![s.n()], b.as_slice()));
     }
-    write_tensors(&dir.join(IMAGES_FILE), tensors)?;
+    write_tensors(&dir.join(ROWS_FILE), tensors)?;
     write_json(
         &dir.join(CLASSES_FILE),
         &SetMeta {
-            channels: s.channels,
             classes: class_entries(&s.classes),
             format: IMAGE_SET_FORMAT.into(),
-            height: s.height,
             ids: s.ids.clone(),
             labelled: labels.is_some(),
-            n: s.n,
-            version: FORMAT_VERSION,
-            width: s.width,
+            n: s.n(),
+            version: SET_FORMAT_VERSION,
         },
     )
 }
@@ -424,10 +485,10 @@ fn write_set(dir: &Path, s: &ImageSet, labels: Option<&[u32]>) -> Result<(), Sta
 fn read_set(dir: &Path, want_labels: bool) -> Result<(ImageSet, Option<Vec<u32>>), StageError> {
     let meta_path = dir.join(CLASSES_FILE);
     let meta: SetMeta = read_json(&meta_path)?;
-    if meta.format != IMAGE_SET_FORMAT || meta.version != FORMAT_VERSION {
+    if meta.format != IMAGE_SET_FORMAT || meta.version != SET_FORMAT_VERSION {
         return Err(corrupt(
             &meta_path,
-            format!("format {} version {}, this fgflow reads {IMAGE_SET_FORMAT} version {FORMAT_VERSION}", meta.format, meta.version),
+            format!("format {} version {}, this fgflow reads {IMAGE_SET_FORMAT} version {SET_FORMAT_VERSION}", meta.format, meta.version),
         ));
     }
     if want_labels && !meta.labelled {
@@ -437,22 +498,30 @@ fn read_set(dir: &Path, want_labels: bool) -> Result<(ImageSet, Option<Vec<u32>>
         return Err(corrupt(&meta_path, format!("{} ids for {} images", meta.ids.len(), meta.n)));
     }
     let classes = class_names(&meta_path, meta.classes)?;
-    let path = dir.join(IMAGES_FILE);
+    let store = Arc::new(Store::open(&dir.join(STORE_DIR))?);
+    let path = dir.join(ROWS_FILE);
     let bytes = read_file(&path)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(&path, format!("not a safetensors file: {e}")))?;
-    let pixels = tensor(&st, &path, "images", Dtype::U8, &[meta.n, meta.height, meta.width, meta.channels])?.to_vec();
+    let rows = tensor(&st, &path, "image", Dtype::I64, &[meta.n])?
+        .chunks_exact(8)
+        .enumerate()
+        .map(|(i, b)| {
+            let v = i64::from_le_bytes(b.try_into().unwrap_or([0xff; 8]));
+            if v >= 0 && (v as u64) < store.len() as u64 { Ok(v as u32) } else { Err(corrupt(&path, format!("image[{i}] = {v}, but the store has {} images", store.len()))) }
+        })
+        .collect::<Result<Vec<u32>, _>>()?;
     let labels = if want_labels {
         let raw = tensor(&st, &path, "labels", Dtype::I64, &[meta.n])?;
         Some(required_labels(&path, "labels", raw, classes.len())?)
     } else {
         None
     };
-    let set = ImageSet { n: meta.n, height: meta.height, width: meta.width, channels: meta.channels, pixels, ids: meta.ids, classes };
+    let set = ImageSet { store, rows, ids: meta.ids, classes };
     set.check().map_err(|e| corrupt(&path, e))?;
     Ok((set, labels))
 }
 
-/// Writes an unlabelled set (`images.safetensors` + `classes.json`) into `dir`.
+/// Writes an unlabelled set (`store/`, `rows.safetensors`, `classes.json`) into `dir`.
 pub fn write_image_set(dir: &Path, s: &ImageSet) -> Result<(), StageError> {
     write_set(dir, s, None)
 }
@@ -689,15 +758,8 @@ mod tests {
     use super::*;
 
     fn set(n: usize, channels: usize) -> ImageSet {
-        ImageSet {
-            n,
-            height: 2,
-            width: 3,
-            channels,
-            pixels: (0..n * 6 * channels).map(|i| (i % 251) as u8).collect(),
-            ids: (0..n).map(|i| format!("img/{i}.png")).collect(),
-            classes: vec!["a".into(), "b".into(), "c".into()],
-        }
+        let pixels = (0..n * 6 * channels).map(|i| (i % 251) as u8).collect();
+        ImageSet::from_pixels(2, 3, channels, pixels, (0..n).map(|i| format!("img/{i}.png")).collect(), vec!["a".into(), "b".into(), "c".into()]).unwrap()
     }
 
     #[test]
@@ -705,11 +767,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = LabelledSet { images: set(5, 3), labels: vec![0, 2, 1, 1, 0] };
         write_labelled_set(dir.path(), &s).unwrap();
-        let first = fs::read(dir.path().join(IMAGES_FILE)).unwrap();
+        let first = fs::read(dir.path().join(ROWS_FILE)).unwrap();
         assert_eq!(read_labelled_set(dir.path()).unwrap(), s);
         assert_eq!(read_image_set(dir.path()).unwrap(), s.images);
-        write_labelled_set(dir.path(), &s).unwrap();
-        assert_eq!(fs::read(dir.path().join(IMAGES_FILE)).unwrap(), first);
+        let again = tempfile::tempdir().unwrap();
+        write_labelled_set(again.path(), &read_labelled_set(dir.path()).unwrap()).unwrap();
+        assert_eq!(fs::read(again.path().join(ROWS_FILE)).unwrap(), first);
+        for f in ["store/store.json", "store/index.safetensors", "store/shard-00000.bin", CLASSES_FILE] {
+            assert_eq!(fs::read(again.path().join(f)).unwrap(), fs::read(dir.path().join(f)).unwrap(), "{f}: a set read and written again is the same bytes");
+        }
+        // A subset shares the store, byte for byte, and its rows are all that differ.
+        let sub = tempfile::tempdir().unwrap();
+        write_labelled_set(sub.path(), &s.select(&[4, 1])).unwrap();
+        assert_eq!(fs::read(sub.path().join("store/shard-00000.bin")).unwrap(), fs::read(dir.path().join("store/shard-00000.bin")).unwrap());
+        let back = read_labelled_set(sub.path()).unwrap();
+        assert_eq!(back.images.image(0).unwrap(), s.images.image(4).unwrap());
         let json = fs::read_to_string(dir.path().join(CLASSES_FILE)).unwrap();
         let keys: Vec<&str> = json.lines().filter(|l| l.starts_with("  \"")).map(|l| l.trim()).collect();
         let mut sorted = keys.clone();
@@ -721,9 +793,21 @@ mod tests {
     fn unlabelled_set_is_not_a_labelled_set() {
         let dir = tempfile::tempdir().unwrap();
         write_image_set(dir.path(), &set(0, 1)).unwrap();
-        assert_eq!(read_image_set(dir.path()).unwrap().n, 0);
+        assert_eq!(read_image_set(dir.path()).unwrap().n(), 0);
         let err = read_labelled_set(dir.path()).unwrap_err().to_string();
         assert!(err.contains("unlabelled"), "{err}");
+    }
+
+    #[test]
+    fn rows_outside_the_store_and_a_damaged_store_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_image_set(dir.path(), &set(3, 1)).unwrap();
+        let mut bad = set(3, 1);
+        bad.rows[1] = 7;
+        assert!(write_image_set(tempfile::tempdir().unwrap().path(), &bad).unwrap_err().to_string().contains("image 7"));
+        fs::write(dir.path().join("store/shard-00000.bin"), [0u8; 5]).unwrap();
+        let err = read_image_set(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("store") && err.contains("cut short"), "{err}");
     }
 
     #[test]

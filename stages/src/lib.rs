@@ -4,6 +4,7 @@
 pub mod artifact;
 pub mod data;
 pub mod kinds;
+pub mod store;
 pub mod ml;
 pub mod types;
 

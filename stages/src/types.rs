@@ -3,9 +3,10 @@
 
 use fgflow_engine::ArtifactType;
 
-/// Images with (possibly noisy) labels and the class list: `images.safetensors` + `classes.json`.
+/// Images with (possibly noisy) labels and the class list: rows over an image store
+/// (`store/`, `rows.safetensors`, `classes.json`; see `artifact`).
 pub const LABELLED_SET: ArtifactType = ArtifactType("labelled_set");
-/// Unlabelled images (test A, test B): `images.safetensors` + `classes.json`.
+/// Unlabelled images (test A, test B): rows over an image store, without labels.
 pub const IMAGE_SET: ArtifactType = ArtifactType("image_set");
 /// The benchmark's training images with their TRUE labels, open-set images removed: the
 /// ceiling the recipe is measured against. No recipe kind accepts this type; only

@@ -15,6 +15,7 @@ use fgflow_stages::ml::augment::{AugmentConfig, hflip};
 use fgflow_stages::ml::checkpoint;
 use fgflow_stages::ml::cnn::CnnConfig;
 use fgflow_stages::ml::data::Images;
+use fgflow_stages::store::Target;
 use fgflow_stages::ml::head::{ArcFaceHead, HeadConfig, adaptive_margins, arcface_logits, log_prior};
 use fgflow_stages::ml::loss::{EqlIndicator, LossConfig, add_per_class, cross_entropy, eql_adjust, eql_increments, eql_indicator};
 use fgflow_stages::ml::metrics::Metrics;
@@ -203,10 +204,10 @@ fn flip_tta_is_the_mean_of_image_and_mirror_logits() {
     let model = config.init::<B>(3, &dev());
     let pixels = random_pixels(3, 1);
     let images = Images::new(3, 28, 28, 1, &pixels).unwrap();
-    let plain = predict_logits(&model, images, 2, false).unwrap();
+    let plain = predict_logits(&model, T28, &images, 2, false).unwrap();
     let mirrored_pixels: Vec<u8> = (0..3).flat_map(|i| hflip(images.image(i), 28, 28, 1)).collect();
-    let mirrored = predict_logits(&model, Images::new(3, 28, 28, 1, &mirrored_pixels).unwrap(), 2, false).unwrap();
-    let tta = predict_logits(&model, images, 2, true).unwrap();
+    let mirrored = predict_logits(&model, T28, &Images::new(3, 28, 28, 1, &mirrored_pixels).unwrap(), 2, false).unwrap();
+    let tta = predict_logits(&model, T28, &images, 2, true).unwrap();
     assert_ne!(plain, mirrored, "random images are not symmetric");
     let want: Vec<f64> = plain.iter().zip(&mirrored).map(|(a, b)| (*a as f64 + *b as f64) / 2.0).collect();
     close(&tta, &want, 1e-4);
@@ -226,7 +227,7 @@ fn vit_forward_shapes_and_size() {
     let params = burn::module::Module::num_params(&model);
     assert!((400_000..1_000_000).contains(&params), "{params} parameters");
     let pixels = random_pixels(2, 2);
-    let logits = predict_logits(&model, Images::new(2, 28, 28, 1, &pixels).unwrap(), 2, true).unwrap();
+    let logits = predict_logits(&model, T28, &Images::new(2, 28, 28, 1, &pixels).unwrap(), 2, true).unwrap();
     assert_eq!(logits.len(), 20);
     assert!(logits.iter().all(|v| v.is_finite()));
 }
@@ -244,8 +245,10 @@ fn default_cnn_is_a_few_hundred_thousand_parameters() {
 const TEN: [usize; 10] = [4, 20, 40, 60, 80, 100, 150, 200, 250, 300];
 
 fn view(s: &LabelledSet) -> Labelled<'_> {
-    Labelled { images: Images::new(s.images.n, 28, 28, 1, &s.images.pixels).unwrap(), labels: &s.labels }
+    Labelled { images: &s.images, labels: &s.labels }
 }
+
+const T28: Target = Target { height: 28, width: 28, channels: 1 };
 
 fn quick_train_config(epochs: usize, seed: u64) -> TrainConfig {
     TrainConfig {
@@ -261,7 +264,8 @@ fn quick_train_config(epochs: usize, seed: u64) -> TrainConfig {
         label_smoothing: 0.0,
         margin_x: 0.45,
         margin_y: 0.05,
-        augment: AugmentConfig { shift: 2, flip: 0.5, erase: 0.0, randaugment_n: 0, randaugment_m: 0 },
+        augment: AugmentConfig { shift: 2, flip: 0.5, erase: 0.0, randaugment_n: 0, randaugment_m: 0, crop_scale: 0.0 },
+        max_steps: None,
     }
 }
 
@@ -284,7 +288,7 @@ fn cnn_learns_quickdraw_well_above_chance_and_round_trips() {
     let (loaded, loaded_config) = checkpoint::load_model::<B>(dir.path(), &dev()).unwrap();
     assert_eq!(loaded_config, config);
     let images = view(&test).images;
-    assert_eq!(predict_logits(&trained, images, 50, true).unwrap(), predict_logits(&loaded, images, 50, true).unwrap());
+    assert_eq!(predict_logits(&trained, T28, images, 50, true).unwrap(), predict_logits(&loaded, T28, images, 50, true).unwrap());
 }
 
 #[test]
@@ -406,7 +410,7 @@ fn train_predict_evaluate_kinds() {
     let c = ctx(with_defaults(kind.as_ref(), Params::default()), &[("model", &model_dir), ("labelled", &t.join("test"))], &t.join("out-pred"), &t.join("s2"));
     kind.run(&c).unwrap();
     let pred = Predictions::read(&t.join("out-pred/predictions")).unwrap();
-    assert_eq!((pred.n(), pred.num_classes()), (test.images.n, 5));
+    assert_eq!((pred.n(), pred.num_classes()), (test.images.n(), 5));
     assert_eq!(pred.ids, test.images.ids);
     for i in 0..pred.n() {
         let s: f32 = pred.probs_row(i).iter().sum();
@@ -461,10 +465,10 @@ fn wgpu_matches_flex_and_trains() {
     let mut vit = config.clone();
     vit.backbone = BackboneConfig::Vit(VitConfig { patch: 7, dim: 32, depth: 1, heads: 2, mlp_ratio: 2.0, pool: VitPool::Mean });
     let images = view(&test).images;
-    assert_eq!(images.n, 100);
+    assert_eq!(images.len(), 100);
     for c in [&config, &vit] {
-        let on_flex = predict_logits(&c.init::<B>(3, &dev()), images, 32, true).unwrap();
-        let on_wgpu = predict_logits(&c.init::<Wgpu>(3, &wdev), images, 32, true).unwrap();
+        let on_flex = predict_logits(&c.init::<B>(3, &dev()), T28, images, 32, true).unwrap();
+        let on_wgpu = predict_logits(&c.init::<Wgpu>(3, &wdev), T28, images, 32, true).unwrap();
         let worst = on_flex.iter().zip(&on_wgpu).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-3, "{:?}: flex and wgpu logits differ by {worst}", c.backbone);
     }

@@ -121,17 +121,22 @@ fn ensemble_refuses_mismatched_inputs() {
 
 const CLASSES: [&str; 3] = ["a", "b", "c"];
 
-/// `n` 2x2 gray images whose pixels all equal `first + i`, ids `<prefix><i>`.
+/// `n` 2x2 gray images whose pixels all equal `first + i`, ids `<prefix><i>`, in a store
+/// of their own.
 fn image_set(prefix: &str, n: usize, first: u8) -> ImageSet {
-    ImageSet {
-        n,
-        height: 2,
-        width: 2,
-        channels: 1,
-        pixels: (0..n).flat_map(|i| [first + i as u8; 4]).collect(),
-        ids: (0..n).map(|i| format!("{prefix}{i}")).collect(),
-        classes: strings(&CLASSES),
-    }
+    let pixels = (0..n).flat_map(|i| [first + i as u8; 4]).collect();
+    ImageSet::from_pixels(2, 2, 1, pixels, (0..n).map(|i| format!("{prefix}{i}")).collect(), strings(&CLASSES)).unwrap()
+}
+
+/// A training set (`n_train` images from pixel 0) and test A (`n_test` from pixel 10)
+/// over one store, as a data set's splits are.
+fn splits(n_train: usize, n_test: usize) -> (ImageSet, ImageSet) {
+    let mut all = image_set("train/", n_train, 0);
+    let test = image_set("testa/", n_test, 10);
+    let pixels: Vec<u8> = (0..n_train).flat_map(|i| [i as u8; 4]).chain((0..n_test).flat_map(|i| [10 + i as u8; 4])).collect();
+    let ids = all.ids.iter().chain(&test.ids).cloned().collect();
+    all = ImageSet::from_pixels(2, 2, 1, pixels, ids, strings(&CLASSES)).unwrap();
+    (all.select(&(0..n_train).collect::<Vec<_>>()), all.select(&(n_train..n_train + n_test).collect::<Vec<_>>()))
 }
 
 fn truth(testa: Vec<u32>, n_train: usize) -> GroundTruth {
@@ -154,9 +159,9 @@ fn truth(testa: Vec<u32>, n_train: usize) -> GroundTruth {
 fn pseudo_label_threshold_selection_and_merged_set() {
     let t = tempfile::tempdir().unwrap();
     let t = t.path();
-    let train = LabelledSet { images: image_set("train/", 2, 0), labels: vec![0, 2] };
+    let (train_images, test) = splits(2, 4);
+    let train = LabelledSet { images: train_images, labels: vec![0, 2] };
     artifact::write_labelled_set(&dir(t.join("train")), &train).unwrap();
-    let test = image_set("testa/", 4, 10);
     artifact::write_image_set(&dir(t.join("testa")), &test).unwrap();
     artifact::write_ground_truth(&dir(t.join("truth")), &truth(vec![1, 0, 2, 2], 2)).unwrap();
     let rows: [&[f32]; 4] = [
@@ -173,7 +178,9 @@ fn pseudo_label_threshold_selection_and_merged_set() {
     let merged = artifact::read_labelled_set(&t.join("out/train")).unwrap();
     assert_eq!(merged.images.ids, vec!["train/0", "train/1", "pseudo:testa/0", "pseudo:testa/2", "pseudo:testa/3"]);
     assert_eq!(merged.labels, vec![0, 2, 1, 0, 2]);
-    assert_eq!(merged.images.image(3), &[12u8; 4][..], "pixels follow their image");
+    assert_eq!(merged.images.image(3).unwrap().pixels.as_ref(), &[12u8; 4][..], "pixels follow their image");
+    // The merged set is rows over the same store: its shard is the training set's, byte for byte.
+    assert_eq!(fs::read(t.join("out/train/store/shard-00000.bin")).unwrap(), fs::read(t.join("train/store/shard-00000.bin")).unwrap());
     let r = read_json(&t.join("out/report/report.json"));
     assert_eq!((r["kept"].as_u64(), r["total"].as_u64(), r["train"].as_u64()), (Some(3), Some(4), Some(5)));
     let per_class: Vec<u64> = r["per_class"].as_array().unwrap().iter().map(|c| c["kept"].as_u64().unwrap()).collect();
@@ -197,11 +204,11 @@ fn pseudo_label_threshold_selection_and_merged_set() {
 fn pseudo_label_refuses_mismatched_inputs() {
     let t = tempfile::tempdir().unwrap();
     let t = t.path();
-    artifact::write_labelled_set(&dir(t.join("train")), &LabelledSet { images: image_set("train/", 2, 0), labels: vec![0, 1] }).unwrap();
-    artifact::write_image_set(&dir(t.join("testa")), &image_set("testa/", 2, 10)).unwrap();
-    let mut big = image_set("testa/", 2, 10);
-    (big.height, big.pixels) = (3, vec![0; 12]);
-    artifact::write_image_set(&dir(t.join("big")), &big).unwrap();
+    let (train, testa) = splits(2, 2);
+    artifact::write_labelled_set(&dir(t.join("train")), &LabelledSet { images: train, labels: vec![0, 1] }).unwrap();
+    artifact::write_image_set(&dir(t.join("testa")), &testa).unwrap();
+    // The same ids, from another data set (another store).
+    artifact::write_image_set(&dir(t.join("big")), &image_set("testa/", 2, 10)).unwrap();
     let wrong_ids = predictions(&t.join("p1"), &["testa/0", "testb/1"], &CLASSES, &[&[0.8, 0.1, 0.1], &[0.8, 0.1, 0.1]]);
     let good = predictions(&t.join("p2"), &["testa/0", "testa/1"], &CLASSES, &[&[0.8, 0.1, 0.1], &[0.8, 0.1, 0.1]]);
 
@@ -212,7 +219,7 @@ fn pseudo_label_refuses_mismatched_inputs() {
     let err = go(&wrong_ids, "testa", "o1");
     assert!(err.contains("input `images`") && err.contains("`testb/1`") && err.contains("`testa/1`"), "{err}");
     let err = go(&good, "big", "o2");
-    assert!(err.contains("3x2x1") && err.contains("2x2x1"), "{err}");
+    assert!(err.contains("different image stores"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use fgflow_engine::{NoProgress, Params, RunContext, StageKind};
 use fgflow_stages::artifact::{self, GroundTruth, ImageSet, LabelledSet, Noise};
 use fgflow_stages::ml::checkpoint;
-use fgflow_stages::ml::data::Images;
 use fgflow_stages::ml::predictions::Predictions;
 use fgflow_stages::ml::train_loop::{self, Labelled};
 use safetensors::{Dtype, SafeTensors};
@@ -60,8 +59,7 @@ fn tensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
 }
 
 fn view(s: &LabelledSet) -> Labelled<'_> {
-    let i = &s.images;
-    Labelled { images: Images::new(i.n, i.height, i.width, i.channels, &i.pixels).unwrap(), labels: &s.labels }
+    Labelled { images: &s.images, labels: &s.labels }
 }
 
 // ---------------------------------------------------------------------------------
@@ -168,7 +166,7 @@ fn soup_uniform_is_the_mean_greedy_never_loses_and_the_soup_predicts() {
     let c = ctx(with_defaults(k.as_ref(), Params::default()), &[("model", &out.join("model")), ("labelled", &val_dir)], &t.join("pred"), &t.join("ps"));
     k.run(&c).unwrap();
     let pred = Predictions::read(&t.join("pred/predictions")).unwrap();
-    assert_eq!(pred.n(), val.images.n);
+    assert_eq!(pred.n(), val.images.n());
     let acc = pred.top1().iter().zip(&val.labels).filter(|(p, y)| **p == **y as usize).count() as f64 / pred.n() as f64;
     assert!(acc > 0.4, "uniform soup accuracy {acc} (chance 0.2)");
     eprintln!("soup test: {:.1}s", started.elapsed().as_secs_f64());
@@ -220,7 +218,7 @@ fn synthetic(classes: usize, per_class: usize, seed: u64) -> LabelledSet {
         }
     }
     let classes = (0..classes).map(|k| format!("stripes{k}")).collect();
-    LabelledSet { images: ImageSet { n: labels.len(), height: 28, width: 28, channels: 1, pixels, ids, classes }, labels }
+    LabelledSet { images: ImageSet::from_pixels(28, 28, 1, pixels, ids, classes).unwrap(), labels }
 }
 
 /// Give every `every`-th sample another class's label (uniform-style noise; `every`
@@ -229,12 +227,12 @@ fn synthetic(classes: usize, per_class: usize, seed: u64) -> LabelledSet {
 fn with_noise(clean: &LabelledSet, every: usize) -> (LabelledSet, GroundTruth) {
     let c = clean.n_classes() as u32;
     let mut noisy = clean.clone();
-    let mut flags = vec![Noise::Clean; clean.images.n];
-    for i in (0..clean.images.n).step_by(every) {
+    let mut flags = vec![Noise::Clean; clean.images.n()];
+    for i in (0..clean.images.n()).step_by(every) {
         noisy.labels[i] = (clean.labels[i] + 1 + (i as u32 / every as u32) % (c - 1)) % c;
         flags[i] = Noise::Uniform;
     }
-    let n = clean.images.n;
+    let n = clean.images.n();
     let truth = GroundTruth {
         classes: clean.images.classes.clone(),
         testa_labels: vec![],
@@ -296,7 +294,7 @@ fn clean_drops_injected_noise_deterministically_and_reports_it_correctly() {
     eprintln!("clean (3 folds, 128 samples): {:.1}s", started.elapsed().as_secs_f64());
     let b = run_clean(t, "b", &train_dir, Some(&t.join("truth")));
     // Deterministic: the same kept set, byte for byte, and the same report.
-    for f in ["train/images.safetensors", "train/classes.json", "report/clean.json"] {
+    for f in ["train/rows.safetensors", "train/classes.json", "train/store/shard-00000.bin", "report/clean.json"] {
         assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f} differs between identical runs");
     }
 
@@ -309,7 +307,7 @@ fn clean_drops_injected_noise_deterministically_and_reports_it_correctly() {
     let caught = dropped.iter().zip(&truth.train_noise).filter(|&(&d, &f)| d && f != Noise::Clean).count();
     let noisy_n = truth.train_noise.iter().filter(|&&f| f != Noise::Clean).count();
     assert_eq!(report["dropped"].as_u64().unwrap() as usize, n_dropped);
-    assert_eq!(report["kept"].as_u64().unwrap() as usize, kept.images.n);
+    assert_eq!(report["kept"].as_u64().unwrap() as usize, kept.images.n());
     assert_eq!(report["noise"]["dropped_noisy"].as_u64().unwrap() as usize, caught);
     assert_eq!(report["noise"]["noisy"].as_u64().unwrap() as usize, noisy_n);
     let precision = report["noise"]["precision"].as_f64().unwrap();
@@ -319,7 +317,7 @@ fn clean_drops_injected_noise_deterministically_and_reports_it_correctly() {
     let uniform = report["noise"]["by_type"].as_array().unwrap().iter().find(|t| t["noise"] == "uniform").unwrap();
     assert_eq!(uniform["recall"].as_f64().unwrap(), recall, "all the injected noise is uniform");
     // The kept samples keep their (given) labels and order.
-    let kept_labels: Vec<u32> = (0..noisy.images.n).filter(|&i| !dropped[i]).map(|i| noisy.labels[i]).collect();
+    let kept_labels: Vec<u32> = (0..noisy.images.n()).filter(|&i| !dropped[i]).map(|i| noisy.labels[i]).collect();
     assert_eq!(kept.labels, kept_labels);
     // And the criterion works on this easy data: most noise found, few good samples lost.
     eprintln!("clean: dropped {n_dropped}, caught {caught}/{noisy_n}, precision {precision:.2} recall {recall:.2}");
@@ -327,7 +325,7 @@ fn clean_drops_injected_noise_deterministically_and_reports_it_correctly() {
     assert!(precision >= 0.6, "precision {precision}");
     let shown = kind("clean").describe_output("report", &a.join("report")).unwrap();
     assert!(shown.contains("precision") && shown.contains("uniform"), "{shown}");
-    assert_eq!(Predictions::read(&a.join("report/oof")).unwrap().n(), noisy.images.n);
+    assert_eq!(Predictions::read(&a.join("report/oof")).unwrap().n(), noisy.images.n());
 
     // The truth must describe this very set.
     let (_, short) = with_noise(&synthetic(8, 8, 1), 9);
@@ -348,7 +346,7 @@ fn clean_keeps_most_of_a_clean_set() {
     let out = run_clean(t, "a", &train_dir, None);
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report/clean.json")).unwrap()).unwrap();
     let kept = report["kept"].as_u64().unwrap() as f64;
-    assert!(kept >= 0.9 * clean.images.n as f64, "kept only {kept} of {} clean samples", clean.images.n);
+    assert!(kept >= 0.9 * clean.images.n() as f64, "kept only {kept} of {} clean samples", clean.images.n());
     assert!(report["noise"].is_null());
 }
 

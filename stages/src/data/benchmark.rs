@@ -245,22 +245,27 @@ pub fn build(d: &Drawings, cfg: &BenchmarkConfig) -> Result<Benchmark, String> {
     }
     let classes: Vec<String> = vocab.iter().map(|&s| d.classes[s].clone()).collect();
     let source = |s: &Sample| format!("quickdraw/{}/{}", d.classes[s.source], s.k);
-    let images = |name: &str, samples: &[Sample]| -> ImageSet {
+    // One image store for every split (so pseudo-labelled test images can join the
+    // training set as rows); each split is its range of rows, ids `<split>/<index>`.
+    let splits: [(&str, &[Sample]); 4] = [("train", &train), ("val", &val), ("testa", &testa), ("testb", &testb)];
+    let total: usize = splits.iter().map(|(_, s)| s.len()).sum();
+    let mut pixels = Vec::with_capacity(total * d.side * d.side);
+    let mut ids = Vec::with_capacity(total);
+    for (name, samples) in splits {
         let width = samples.len().saturating_sub(1).to_string().len().max(5);
-        let mut pixels = Vec::with_capacity(samples.len() * d.side * d.side);
-        for s in samples {
+        for (i, s) in samples.iter().enumerate() {
             pixels.extend_from_slice(d.drawing(s.source, s.k));
+            ids.push(format!("{name}/{i:0width$}"));
         }
-        ImageSet {
-            n: samples.len(),
-            height: d.side,
-            width: d.side,
-            channels: 1,
-            pixels,
-            ids: (0..samples.len()).map(|i| format!("{name}/{i:0width$}")).collect(),
-            classes: classes.clone(),
-        }
-    };
+    }
+    let all = ImageSet::from_pixels(d.side, d.side, 1, pixels, ids, classes.clone())?;
+    let mut start = 0;
+    let mut ranges = Vec::with_capacity(4);
+    for (_, samples) in splits {
+        ranges.push((start..start + samples.len()).collect::<Vec<usize>>());
+        start += samples.len();
+    }
+    let images = |split: usize| all.select(&ranges[split]);
     let labels = |samples: &[Sample]| samples.iter().map(|s| s.label).collect::<Vec<_>>();
     let truth = GroundTruth {
         classes: classes.clone(),
@@ -275,9 +280,9 @@ pub fn build(d: &Drawings, cfg: &BenchmarkConfig) -> Result<Benchmark, String> {
         testa_sources: testa.iter().map(source).collect(),
         testb_sources: testb.iter().map(source).collect(),
     };
-    let train = LabelledSet { images: images("train", &train), labels: labels(&train) };
+    let train = LabelledSet { images: images(0), labels: labels(&train) };
     let oracle = oracle_set(&train, &truth.train_clean_labels);
-    Ok(Benchmark { train, val: LabelledSet { images: images("val", &val), labels: labels(&val) }, testa: images("testa", &testa), testb: images("testb", &testb), truth, oracle })
+    Ok(Benchmark { train, val: LabelledSet { images: images(1), labels: labels(&val) }, testa: images(2), testb: images(3), truth, oracle })
 }
 
 /// Step 7: the samples of `train` that have a true label, relabelled with it, in order.
@@ -331,8 +336,8 @@ mod tests {
     #[test]
     fn toy_benchmark_has_the_asked_shape() {
         let b = build(&toy(), &cfg()).unwrap();
-        assert_eq!(b.val.images.n, 4);
-        assert_eq!((b.testa.n, b.testb.n), (8, 4));
+        assert_eq!(b.val.images.n(), 4);
+        assert_eq!((b.testa.n(), b.testb.n()), (8, 4));
         let n_in: usize = long_tail_counts(4, 4, 4.0).iter().sum();
         let wrong = b.truth.train_noise.iter().filter(|n| matches!(n, Noise::Uniform | Noise::NearClass)).count();
         assert_eq!(wrong, (0.5 * n_in as f64).round() as usize);
@@ -353,9 +358,9 @@ mod tests {
     #[test]
     fn oracle_set_is_the_training_set_with_true_labels_and_no_open_set_image() {
         let b = build(&toy(), &cfg()).unwrap();
-        let kept: Vec<usize> = (0..b.train.images.n).filter(|&i| b.truth.train_noise[i] != Noise::OpenSet).collect();
-        assert!(kept.len() < b.train.images.n, "the toy config has open-set images");
-        assert_eq!(b.oracle.images.n, kept.len());
+        let kept: Vec<usize> = (0..b.train.images.n()).filter(|&i| b.truth.train_noise[i] != Noise::OpenSet).collect();
+        assert!(kept.len() < b.train.images.n(), "the toy config has open-set images");
+        assert_eq!(b.oracle.images.n(), kept.len());
         for (j, &i) in kept.iter().enumerate() {
             assert_eq!(b.oracle.images.ids[j], b.train.images.ids[i]);
             assert_eq!(b.oracle.images.image(j), b.train.images.image(i));

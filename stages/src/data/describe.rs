@@ -49,7 +49,12 @@ pub fn histogram(counts: &[usize]) -> String {
 }
 
 fn shape(s: &artifact::ImageSet) -> String {
-    format!("{} images {}x{}x{}, {} classes", s.n, s.height, s.width, s.channels, s.classes.len())
+    let dims = match s.native_size() {
+        Some((h, w)) => format!("{h}x{w}x{}", s.channels()),
+        None => format!("files of any size, decoded to {} channel(s)", s.channels()),
+    };
+    let mib = s.store.bytes_total() as f64 / (1 << 20) as f64;
+    format!("{} images {dims}, {} classes; rows over an image store of {} images ({mib:.1} MiB, shared with the sets made from it)", s.n(), s.classes.len(), s.store.len())
 }
 
 /// A labelled set (training or validation).

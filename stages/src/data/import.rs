@@ -7,58 +7,38 @@
 //! root/<classes file>                   (optional: one class name per line, line i = id i)
 //! ```
 //!
-//! Every image is decoded with the `image` crate, resized to `size x size` and converted
-//! to gray or RGB. Problems (unreadable or corrupt files, wrong class indices, empty
-//! class folders, sizes that differ under `resize: "none"`) stop the import with a
-//! message naming the file (and list line), or with `on_bad_image: "skip"` are left out
-//! and counted in the report. The first problem in file order is the one reported, so
-//! the message does not depend on thread timing.
+//! Every image file goes into one image store (`crate::store`) as it came, its bytes
+//! once however many sets name it; the sets are rows over that store. Nothing is
+//! decoded or resized here: the model's `image_size` decides the resolution, when the
+//! loader reads the images. Each file is checked cheaply instead (its header gives a
+//! JPEG or PNG of a non-empty size, and it ends with that format's end marker, which a
+//! copy cut short lacks). Problems (unreadable, foreign or truncated files, a list line
+//! whose file does not exist, a class index out of range, an empty class folder, a path
+//! or symbolic link that leaves the data folder) stop the import with a message naming
+//! the file (and list line), or with `on_bad_image: "skip"` are left out and counted in
+//! the report. The first problem in file order is the one reported, so the message does
+//! not depend on thread timing.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Component, Path};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use fgflow_engine::StageError;
-use image::imageops::FilterType;
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::artifact::{ImageSet, LabelledSet};
+use crate::store::{Encoding, Store, StoreBuilder, check_file};
 use crate::data::rng::{DetRng, Stream};
 
 pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 pub const REPORT_FILE: &str = "import_report.json";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resize {
-    /// Centre-crop to a square, then scale: keeps the aspect ratio.
-    Crop,
-    /// Scale to a square, distorting the aspect ratio.
-    Stretch,
-    /// No resampling: every image must already be `size x size`.
-    None,
-}
-
-impl Resize {
-    pub const NAMES: &'static [&'static str] = &["crop", "stretch", "none"];
-
-    pub fn parse(s: &str) -> Option<Resize> {
-        match s {
-            "crop" => Some(Resize::Crop),
-            "stretch" => Some(Resize::Stretch),
-            "none" => Some(Resize::None),
-            _ => None,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct ImportConfig {
-    pub size: usize,
-    /// 1 (gray) or 3 (RGB).
+    /// What the images decode to: 1 (gray) or 3 (RGB).
     pub channels: usize,
-    pub resize: Resize,
     /// Leave bad images out (and count them) instead of failing.
     pub skip_bad: bool,
     /// File names relative to the root; `None` = use the folder layout.
@@ -251,80 +231,64 @@ fn read_list(root: &Path, name: &str, labelled: bool, n_classes: usize) -> Resul
     Ok((entries, bad))
 }
 
-/// Decode one file into `size x size x channels` bytes.
-fn decode(root: &Path, rel: &str, cfg: &ImportConfig) -> Result<Vec<u8>, String> {
+/// One file's bytes, after checking that it stays inside the root (a symbolic link may
+/// point anywhere; the engine hashes only what is inside) and is a whole JPEG or PNG.
+fn read_checked(root: &Path, canonical_root: &Path, rel: &str) -> Result<Vec<u8>, String> {
     let path = root.join(rel);
-    let bytes = fs::read(&path).map_err(|e| format!("cannot read: {e}"))?;
-    let img = image::load_from_memory(&bytes).map_err(|e| format!("not a readable image: {e}"))?;
-    let (w, h) = (img.width(), img.height());
-    let size = cfg.size as u32;
-    let img = match cfg.resize {
-        Resize::None if (w, h) != (size, size) => {
-            return Err(format!("is {w}x{h}, expected {size}x{size} (images of mixed sizes; set `resize` to \"crop\" or \"stretch\" to rescale)"));
-        }
-        Resize::None => img,
-        Resize::Stretch => img.resize_exact(size, size, FilterType::Triangle),
-        Resize::Crop => {
-            let side = w.min(h);
-            img.crop_imm((w - side) / 2, (h - side) / 2, side, side).resize_exact(size, size, FilterType::Triangle)
-        }
-    };
-    Ok(if cfg.channels == 1 { img.to_luma8().into_raw() } else { img.to_rgb8().into_raw() })
+    let real = fs::canonicalize(&path).map_err(|e| format!("cannot read: {e}"))?;
+    if !real.starts_with(canonical_root) {
+        return Err(format!("a symbolic link that leaves the data folder (to {})", real.display()));
+    }
+    let bytes = fs::read(&real).map_err(|e| format!("cannot read: {e}"))?;
+    check_file(&bytes).map_err(|e| format!("not a readable image: {e}"))?;
+    Ok(bytes)
 }
 
-/// Decodes entries in parallel, then, in entry order, either fails at the first bad
-/// one or records it as skipped. Returns the kept entries and their pixels.
-fn decode_all(
+/// Entries read and checked in parallel, a chunk at a time (memory stays a chunk of
+/// files), then, in entry order, stored, or failed at the first bad one, or recorded
+/// as skipped. Returns the kept entries and their images' indices in the store.
+#[allow(clippy::too_many_arguments)]
+fn store_all(
     root: &Path,
     cfg: &ImportConfig,
+    store: &mut StoreBuilder,
     entries: Vec<Entry>,
     mut bad: Vec<Bad>,
     report: &mut Report,
     progress: &(dyn Fn(u64, u64, &str) + Sync),
     what: &str,
-) -> Result<(Vec<Entry>, Vec<u8>), StageError> {
+) -> Result<(Vec<Entry>, Vec<u32>), StageError> {
     if let Some(b) = bad.first().filter(|_| !cfg.skip_bad) {
         return Err(StageError::failed(format!("{}: {}", b.file, b.reason)));
     }
+    let canonical_root = fs::canonicalize(root).map_err(|e| StageError::io(format!("reading {}", root.display()), e))?;
     let total = entries.len() as u64;
-    let done = AtomicU64::new(0);
-    let decoded: Vec<Result<Vec<u8>, String>> = entries
-        .par_iter()
-        .map(|e| {
-            let r = decode(root, &e.rel, cfg);
-            let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-            if d.is_multiple_of(64) || d == total {
-                progress(d, total, what);
-            }
-            r
-        })
-        .collect();
     let mut kept = Vec::with_capacity(entries.len());
-    let mut pixels = Vec::new();
-    for (e, r) in entries.into_iter().zip(decoded) {
-        match r {
-            Ok(px) => {
-                pixels.extend_from_slice(&px);
-                kept.push(e);
+    let mut rows = Vec::with_capacity(entries.len());
+    let mut done = 0u64;
+    let mut entries = entries.into_iter().peekable();
+    while entries.peek().is_some() {
+        let chunk: Vec<Entry> = entries.by_ref().take(256).collect();
+        let read: Vec<Result<Vec<u8>, String>> = chunk.par_iter().map(|e| read_checked(root, &canonical_root, &e.rel)).collect();
+        for (e, r) in chunk.into_iter().zip(read) {
+            match r {
+                Ok(bytes) => {
+                    rows.push(store.push(&bytes)?);
+                    kept.push(e);
+                }
+                Err(reason) if cfg.skip_bad => bad.push(Bad { file: e.describe(root), reason }),
+                Err(reason) => return Err(StageError::failed(format!("{}: {reason}", e.describe(root)))),
             }
-            Err(reason) if cfg.skip_bad => bad.push(Bad { file: e.describe(root), reason }),
-            Err(reason) => return Err(StageError::failed(format!("{}: {reason}", e.describe(root)))),
         }
+        done += 256.min(total - done);
+        progress(done, total, what);
     }
     report.skipped.extend(bad.into_iter().map(|b| Skipped { file: b.file, reason: b.reason }));
-    Ok((kept, pixels))
+    Ok((kept, rows))
 }
 
-fn image_set(cfg: &ImportConfig, classes: &[String], entries: &[Entry], pixels: Vec<u8>) -> ImageSet {
-    ImageSet {
-        n: entries.len(),
-        height: cfg.size,
-        width: cfg.size,
-        channels: cfg.channels,
-        pixels,
-        ids: entries.iter().map(|e| e.rel.clone()).collect(),
-        classes: classes.to_vec(),
-    }
+fn image_set(store: &Arc<Store>, classes: &[String], entries: &[Entry], rows: Vec<u32>) -> ImageSet {
+    ImageSet { store: store.clone(), rows, ids: entries.iter().map(|e| e.rel.clone()).collect(), classes: classes.to_vec() }
 }
 
 /// Training entries from the folder layout: `train/<class>/...`.
@@ -391,33 +355,36 @@ fn carve_val(set: &LabelledSet, cfg: &ImportConfig) -> (LabelledSet, LabelledSet
     (set.select(&train), set.select(&val))
 }
 
-/// Imports `root`. `progress(done, total, message)` and `log` go to the stage.
-pub fn import(root: &Path, cfg: &ImportConfig, progress: &(dyn Fn(u64, u64, &str) + Sync), log: &dyn Fn(String)) -> Result<Imported, StageError> {
+/// Imports `root`, its image store built in `store_dir`. `progress(done, total,
+/// message)` and `log` go to the stage.
+pub fn import(root: &Path, cfg: &ImportConfig, store_dir: &Path, progress: &(dyn Fn(u64, u64, &str) + Sync), log: &dyn Fn(String)) -> Result<Imported, StageError> {
     let classes = class_names(root, cfg)?;
+    let mut builder = StoreBuilder::create(store_dir, Encoding::File { channels: cfg.channels })?;
     let mut train_report = Report::default();
     let (entries, bad) = match &cfg.train_list {
         Some(list) => read_list(root, list, true, classes.len())?,
         None => train_from_folders(root, &classes, cfg, &mut train_report)?,
     };
-    let (kept, pixels) = decode_all(root, cfg, entries, bad, &mut train_report, progress, "train")?;
+    let (kept, train_rows) = store_all(root, cfg, &mut builder, entries, bad, &mut train_report, progress, "train")?;
     // Training entries are built with a label (folder or list), so the 0 is never used.
     let labels: Vec<u32> = kept.iter().map(|e| e.label.unwrap_or(0)).collect();
-    let all = LabelledSet { images: image_set(cfg, &classes, &kept, pixels), labels };
-    let counts = crate::artifact::class_counts(&all.labels, classes.len());
+    let counts = crate::artifact::class_counts(&labels, classes.len());
     train_report.empty_classes = classes.iter().zip(&counts).filter(|&(_, &n)| n == 0).map(|(c, _)| c.clone()).collect();
-    if all.images.n == 0 {
+    if kept.is_empty() {
         return Err(StageError::failed(format!("{}: no training images left to import", root.display())));
     }
-
     let mut tests = Vec::new();
     let mut reports = Vec::new();
     for (folder, list) in [("testa", cfg.testa_list.as_deref()), ("testb", cfg.testb_list.as_deref())] {
         let mut report = Report::default();
         let (entries, bad) = test_entries(root, folder, list, &mut report, log)?;
-        let (kept, pixels) = decode_all(root, cfg, entries, bad, &mut report, progress, folder)?;
-        tests.push(image_set(cfg, &classes, &kept, pixels));
+        let (kept, rows) = store_all(root, cfg, &mut builder, entries, bad, &mut report, progress, folder)?;
+        tests.push((kept, rows));
         reports.push(report);
     }
+    let store = Arc::new(builder.finish()?);
+    let all = LabelledSet { images: image_set(&store, &classes, &kept, train_rows), labels };
+    let mut tests: Vec<ImageSet> = tests.into_iter().map(|(kept, rows)| image_set(&store, &classes, &kept, rows)).collect();
     let (train, val) = carve_val(&all, cfg);
     for (name, r) in [("train", &train_report), ("testa", &reports[0]), ("testb", &reports[1])] {
         if !r.skipped.is_empty() {
@@ -430,8 +397,8 @@ pub fn import(root: &Path, cfg: &ImportConfig, progress: &(dyn Fn(u64, u64, &str
     if !train_report.empty_classes.is_empty() {
         log(format!("{} classes have no training image: {}", train_report.empty_classes.len(), train_report.empty_classes.join(", ")));
     }
-    let testb = tests.pop().unwrap_or_else(|| ImageSet::empty(cfg.size, cfg.size, cfg.channels, classes.clone()));
-    let testa = tests.pop().unwrap_or_else(|| ImageSet::empty(cfg.size, cfg.size, cfg.channels, classes.clone()));
+    let testb = tests.pop().unwrap_or_else(|| ImageSet::empty_over(store.clone(), classes.clone()));
+    let testa = tests.pop().unwrap_or_else(|| ImageSet::empty_over(store.clone(), classes.clone()));
     let testb_report = reports.pop().unwrap_or_default();
     let testa_report = reports.pop().unwrap_or_default();
     Ok(Imported { train, val, testa, testb, train_report, testa_report, testb_report })

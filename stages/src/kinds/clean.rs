@@ -42,7 +42,6 @@ use serde::{Deserialize, Serialize};
 use crate::artifact::{self, LabelledSet, Noise};
 use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::checkpoint;
-use crate::ml::data::Images;
 use crate::ml::head::log_prior;
 use crate::ml::model::AdjustMode;
 use crate::ml::predictions::{Predictions, argmax, write_json};
@@ -247,7 +246,8 @@ impl StageKind for Clean {
     fn version(&self) -> u32 {
         // 2: empty classes no longer get a ln(1e-12) logit adjustment.
         // 3: training as `train` v3 (conv weight gradient, own norms and attention).
-        3
+        // 4: training as `train` v5 (the loader); sets over image stores.
+        4
     }
     fn summary(&self) -> &'static str {
         "drop training samples whose label out-of-fold models do not support (k-fold train + predict)"
@@ -303,14 +303,14 @@ impl StageKind for Clean {
         let train = artifact::read_labelled_set(train_dir)?;
         let truth = if ctx.has_input("truth") { Some(artifact::read_ground_truth(ctx.input("truth")?)?) } else { None };
         if let Some(t) = &truth
-            && t.train_noise.len() != train.images.n
+            && t.train_noise.len() != train.images.n()
         {
             return Err(StageError::Input {
                 name: "truth".into(),
-                msg: format!("{} noise flags for {} training samples: connect the ground truth of this very training set", t.train_noise.len(), train.images.n),
+                msg: format!("{} noise flags for {} training samples: connect the ground truth of this very training set", t.train_noise.len(), train.images.n()),
             });
         }
-        let n = train.images.n;
+        let n = train.images.n();
         if n < s.folds * 2 {
             return Err(StageError::Input { name: "train".into(), msg: format!("{n} samples are too few for {} folds", s.folds) });
         }
@@ -434,9 +434,7 @@ impl BackendJob for PredictFold<'_> {
     type Output = Vec<f32>;
     fn run<B: TrainBackend>(self, device: B::Device) -> Result<Vec<f32>, StageError> {
         let (model, config) = checkpoint::load_model::<B::InnerBackend>(&self.model_dir, &device)?;
-        let i = &self.set.images;
-        let images = Images::new(i.n, i.height, i.width, i.channels, &i.pixels).map_err(StageError::failed)?;
-        let mut logits = predict_logits(&model, images, self.batch, false)?;
+        let mut logits = predict_logits(&model, config.input(), &self.set.images, self.batch, false)?;
         if let Some(la) = config.logit_adjust
             && la.mode == AdjustMode::PostHoc
         {

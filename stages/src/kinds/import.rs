@@ -8,7 +8,7 @@ use fgflow_engine::{ParamSpec, ParamType, Params, PortSpec, Resources, RunContex
 
 use crate::artifact;
 use crate::data::describe;
-use crate::data::import::{self, ImportConfig, Resize};
+use crate::data::import::{self, ImportConfig};
 use crate::types::{IMAGE_SET, LABELLED_SET};
 
 pub struct ImportFolder;
@@ -19,11 +19,8 @@ fn optional_name(p: &Params, name: &str) -> Result<Option<String>, StageError> {
 }
 
 fn config(p: &Params) -> Result<ImportConfig, StageError> {
-    let resize = p.str("resize")?;
     Ok(ImportConfig {
-        size: p.usize("size")?,
         channels: p.usize("channels")?,
-        resize: Resize::parse(resize).ok_or_else(|| StageError::Param { name: "resize".into(), msg: format!("unknown mode `{resize}`") })?,
         skip_bad: p.str("on_bad_image")? == "skip",
         classes_file: optional_name(p, "classes")?,
         train_list: optional_name(p, "train_list")?,
@@ -40,7 +37,10 @@ impl StageKind for ImportFolder {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: the files go into an image store as they came (set format 2); `size` and
+        //    `resize` left for the model's `image_size`; symbolic links leaving the root
+        //    and truncated files are bad images.
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -50,14 +50,7 @@ impl StageKind for ImportFolder {
     fn params(&self) -> Vec<ParamSpec> {
         vec![
             ParamSpec::required("root", ParamType::Path, "the data folder: train/<class>/*.jpg|png, testa/, testb/, annotation lists"),
-            ParamSpec::optional("size", ParamType::Int, 64, "images become size x size pixels"),
-            ParamSpec::optional("channels", ParamType::Int, 3, "1 (grayscale) or 3 (RGB)"),
-            ParamSpec::optional(
-                "resize",
-                ParamType::Enum(Resize::NAMES),
-                "crop",
-                "\"crop\" (centre square, then scale), \"stretch\", or \"none\" (every image must already be size x size)",
-            ),
+            ParamSpec::optional("channels", ParamType::Int, 3, "what the images decode to: 1 (grayscale) or 3 (RGB); the resolution is the model's `image_size`"),
             ParamSpec::optional(
                 "on_bad_image",
                 ParamType::Enum(&["error", "skip"]),
@@ -109,11 +102,6 @@ impl StageKind for ImportFolder {
         {
             errs.push(("channels".into(), format!("must be 1 or 3, found {c}")));
         }
-        if let Ok(s) = params.int("size")
-            && !(1..=4096).contains(&s)
-        {
-            errs.push(("size".into(), format!("must be in 1..=4096, found {s}")));
-        }
         errs
     }
 
@@ -122,10 +110,17 @@ impl StageKind for ImportFolder {
         let root = ctx.source("root")?;
         let progress = |done: u64, total: u64, what: &str| ctx.progress(done, total, what);
         let log = |line: String| ctx.log(line);
-        let imported = import::import(root, &cfg, &progress, &log)?;
+        let imported = import::import(root, &cfg, &ctx.scratch_dir().join("store"), &progress, &log)?;
+        let store = &imported.train.images.store;
         ctx.log(format!(
-            "train {}, val {}, test A {}, test B {} images of {}x{}x{}",
-            imported.train.images.n, imported.val.images.n, imported.testa.n, imported.testb.n, cfg.size, cfg.size, cfg.channels
+            "train {}, val {}, test A {}, test B {} images; one image store of {} files ({:.1} MiB) as they came, decoded to {} channel(s)",
+            imported.train.images.n(),
+            imported.val.images.n(),
+            imported.testa.n(),
+            imported.testb.n(),
+            store.len(),
+            store.bytes_total() as f64 / (1 << 20) as f64,
+            cfg.channels
         ));
         let train = ctx.output_dir("train")?;
         artifact::write_labelled_set(&train, &imported.train)?;

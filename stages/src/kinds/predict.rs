@@ -12,7 +12,6 @@ use fgflow_engine::{ParamSpec, ParamType, Params, PortSpec, Resources, RunContex
 use crate::artifact::{self, ImageSet};
 use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::checkpoint;
-use crate::ml::data::Images;
 use crate::ml::head::log_prior;
 use crate::ml::model::AdjustMode;
 use crate::ml::predictions::Predictions;
@@ -28,7 +27,9 @@ impl StageKind for Predict {
     fn version(&self) -> u32 {
         // 2: empty classes no longer get a ln(1e-12) logit adjustment.
         // 3: the ViT's own LayerNorm/attention (same maths, other rounding).
-        3
+        // 4: images of another size or channel count are brought to the model's (was
+        //    an error), streamed through the loader.
+        4
     }
     fn summary(&self) -> &'static str {
         "class probabilities and logits of a model over an image set (flip TTA, post-hoc logit adjustment)"
@@ -98,11 +99,16 @@ impl StageKind for Predict {
         };
         let model_dir = ctx.input("model")?.to_path_buf();
         let config = checkpoint::read_config(&model_dir)?;
-        if (images.height, images.width, images.channels) != (config.height, config.width, config.channels) {
-            return Err(StageError::failed(format!(
-                "the images are {}x{}x{}, the model takes {}x{}x{}",
-                images.height, images.width, images.channels, config.height, config.width, config.channels
-            )));
+        let target = config.input();
+        if images.native_size() != Some((target.height, target.width)) || images.channels() != target.channels {
+            let size = images.native_size().map_or("files of any size".to_string(), |(h, w)| format!("{h}x{w}"));
+            ctx.log(format!(
+                "the images ({size}, {} channels) are brought to the model's {}x{}x{} (centre crop, resize)",
+                images.channels(),
+                target.height,
+                target.width,
+                target.channels
+            ));
         }
         if images.classes != config.classes {
             ctx.log("note: the image set's class list differs from the model's; predictions use the model's classes");
@@ -114,8 +120,8 @@ impl StageKind for Predict {
         };
         let flip = ctx.params.bool("flip_tta")?;
         let batch = ctx.params.usize("batch_size")?.max(1);
-        ctx.log(format!("predict: {} images, flip TTA {flip}, logit adjustment {tau:?}, backend {}", images.n, ctx.backend));
-        let mut logits = dispatch(&ctx.backend, PredictJob { model_dir, images: &images, flip, batch })?;
+        ctx.log(format!("predict: {} images, flip TTA {flip}, logit adjustment {tau:?}, backend {}", images.n(), ctx.backend));
+        let mut logits = dispatch(&ctx.backend, PredictJob { model_dir, target, images: &images, flip, batch })?;
         if let Some(tau) = tau {
             post_hoc_adjust(&mut logits, &log_prior(&config.class_counts, tau));
         }
@@ -129,6 +135,7 @@ impl StageKind for Predict {
 
 struct PredictJob<'a> {
     model_dir: PathBuf,
+    target: crate::store::Target,
     images: &'a ImageSet,
     flip: bool,
     batch: usize,
@@ -139,8 +146,6 @@ impl BackendJob for PredictJob<'_> {
     fn run<B: TrainBackend>(self, device: B::Device) -> Result<Vec<f32>, StageError> {
         // Inference needs no autodiff: load straight onto the inner backend.
         let (model, _) = checkpoint::load_model::<B::InnerBackend>(&self.model_dir, &device)?;
-        let i = self.images;
-        let images = Images::new(i.n, i.height, i.width, i.channels, &i.pixels).map_err(StageError::failed)?;
-        predict_logits(&model, images, self.batch, self.flip)
+        predict_logits(&model, self.target, self.images, self.batch, self.flip)
     }
 }

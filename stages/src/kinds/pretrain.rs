@@ -10,13 +10,13 @@ use std::path::Path;
 
 use fgflow_engine::{ParamSpec, ParamType, Params, PortSpec, Resources, RunContext, StageError, StageKind};
 
-use super::train::{check_schedule, describe_model, param_err, probability, vit_config, vit_params};
+use super::train::{check_schedule, describe_model, image_size, param_err, probability, vit_config, vit_params};
 use crate::artifact::{self, ImageSet};
 use crate::ml::augment::AugmentConfig;
 use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::checkpoint;
 use crate::ml::conv::TrainBackend;
-use crate::ml::data::Images;
+use crate::ml::loader::ImageSource;
 use crate::ml::head::HeadConfig;
 use crate::ml::loss::LossConfig;
 use crate::ml::mae::{MaeConfig, PretrainConfig, PretrainEpoch, pretrain};
@@ -31,6 +31,7 @@ struct Settings {
     vit: VitConfig,
     mae: MaeConfig,
     train: PretrainConfig,
+    image_size: usize,
 }
 
 fn settings(p: &Params) -> Result<Settings, StageError> {
@@ -52,13 +53,14 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
         weight_decay: p.float("weight_decay")?,
         warmup_epochs: p.float("warmup_epochs")?,
         seed: p.int("seed")? as u64,
-        augment: AugmentConfig { shift: p.usize("aug_shift")?, flip, erase: 0.0, randaugment_n: 0, randaugment_m: 0 },
+        augment: AugmentConfig { shift: p.usize("aug_shift")?, flip, erase: 0.0, randaugment_n: 0, randaugment_m: 0, crop_scale: 0.0 },
     };
     check_schedule(train.epochs, train.lr, train.min_lr, train.warmup_epochs, train.weight_decay)?;
     if train.batch_size == 0 {
         return Err(param_err("batch_size", "must be at least 1"));
     }
-    Ok(Settings { vit, mae, train })
+    let image_size = image_size(p)?;
+    Ok(Settings { vit, mae, train, image_size })
 }
 
 impl StageKind for Pretrain {
@@ -66,7 +68,9 @@ impl StageKind for Pretrain {
         "pretrain"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: the loader's order and per-image augmentation streams (see `train` 5);
+        //    sets over image stores, `image_size`.
+        2
     }
     fn summary(&self) -> &'static str {
         "masked-autoencoder pre-training of the ViT on unlabelled images; `train` starts from it through `init`"
@@ -80,6 +84,7 @@ impl StageKind for Pretrain {
             ParamSpec::optional("decoder_depth", Int, 1, "decoder transformer blocks"),
             ParamSpec::optional("decoder_heads", Int, 4, "decoder attention heads (must divide decoder_dim)"),
             ParamSpec::optional("norm_pix", Bool, true, "reconstruct pixels normalised per patch (MAE's default)"),
+            ParamSpec::optional("image_size", Int, 0, "images are brought to image_size x image_size (centre crop + resize; 0 = the size they have, which a generated benchmark's have)"),
             ParamSpec::optional("epochs", Int, 10, "epochs over all connected images"),
             ParamSpec::optional("batch_size", Int, 64, "images per optimiser step"),
             ParamSpec::optional("lr", Float, 1.5e-3, "peak learning rate (AdamW)"),
@@ -133,13 +138,9 @@ impl StageKind for Pretrain {
         let Some(first) = sets.first() else {
             return Err(StageError::failed("pretrain needs images: connect `labelled` and/or `images`"));
         };
-        let shape = (first.height, first.width, first.channels);
-        if let Some(other) = sets.iter().find(|s| (s.height, s.width, s.channels) != shape) {
-            return Err(StageError::failed(format!(
-                "the connected image sets differ in size: {}x{}x{} and {}x{}x{}",
-                shape.0, shape.1, shape.2, other.height, other.width, other.channels
-            )));
-        }
+        let refs: Vec<&ImageSet> = sets.iter().collect();
+        let target = artifact::model_input(&refs, s.image_size).map_err(|e| param_err("image_size", e))?;
+        let shape = (target.height, target.width, target.channels);
         if shape.0 < s.vit.patch || shape.1 < s.vit.patch {
             return Err(param_err("vit_patch", format!("patch {} is larger than the {}x{} images", s.vit.patch, shape.0, shape.1)));
         }
@@ -158,7 +159,7 @@ impl StageKind for Pretrain {
             epoch: 0,
         };
         config.check().map_err(StageError::failed)?;
-        let total: usize = sets.iter().map(|s| s.n).sum();
+        let total: usize = sets.iter().map(|s| s.n()).sum();
         ctx.log(format!("pretrain: {total} images from {} set(s), {}x{}x{}, backend {}", sets.len(), shape.0, shape.1, shape.2, ctx.backend));
         dispatch(&ctx.backend, PretrainJob { ctx, settings: &s, config, sets: &sets })
     }
@@ -175,11 +176,7 @@ impl BackendJob for PretrainJob<'_, '_> {
     type Output = ();
     fn run<B: TrainBackend>(self, device: B::Device) -> Result<(), StageError> {
         let PretrainJob { ctx, settings, config, sets } = self;
-        let views = sets
-            .iter()
-            .map(|s| Images::new(s.n, s.height, s.width, s.channels, &s.pixels))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(StageError::failed)?;
+        let views: Vec<&dyn ImageSource> = sets.iter().map(|s| s as &dyn ImageSource).collect();
         let mae = settings.mae.init::<B>(&settings.vit, config.channels, config.height, config.width, &device);
         let mae = crate::ml::init::reinit(mae, settings.train.seed);
         let mut logs: Vec<PretrainEpoch> = Vec::new();
@@ -190,7 +187,7 @@ impl BackendJob for PretrainJob<'_, '_> {
             logs.push(e.clone());
             Ok(())
         };
-        let trained = pretrain::<B>(&device, mae, &settings.mae, &settings.train, &views, &mut on_step, &mut on_epoch)?;
+        let trained = pretrain::<B>(&device, mae, &settings.mae, &settings.train, config.input(), &views, &mut on_step, &mut on_epoch)?;
         // The encoder becomes the backbone of an ordinary ViT classifier.
         let mut model = config.init::<B::InnerBackend>(settings.train.seed, &device);
         model.backbone = Backbone::Vit(trained.encoder);

@@ -100,18 +100,19 @@ pub fn select(pred: &Predictions, threshold: f64) -> (Vec<usize>, Vec<u32>) {
 }
 
 /// The previous set minus its stale pseudo-labels of `images`, then `images[kept]` with
-/// `labels`, ids prefixed. Returns the merged set and how many stale samples went.
-pub fn merge(train: &LabelledSet, images: &ImageSet, kept: &[usize], labels: &[u32]) -> (LabelledSet, usize) {
+/// `labels`, ids prefixed: rows over the one image store both sets share (no image is
+/// copied). Returns the merged set and how many stale samples went; sets over two
+/// different stores cannot be merged.
+pub fn merge(train: &LabelledSet, images: &ImageSet, kept: &[usize], labels: &[u32]) -> Result<(LabelledSet, usize), String> {
     let stale: HashSet<String> = images.ids.iter().map(|id| format!("{PSEUDO_PREFIX}{id}")).collect();
-    let keep_old: Vec<usize> = (0..train.images.n).filter(|&i| !stale.contains(&train.images.ids[i])).collect();
-    let replaced = train.images.n - keep_old.len();
+    let keep_old: Vec<usize> = (0..train.images.n()).filter(|&i| !stale.contains(&train.images.ids[i])).collect();
+    let replaced = train.images.n() - keep_old.len();
     let mut out = if replaced == 0 { train.clone() } else { train.select(&keep_old) };
-    let new = images.select(kept);
-    out.images.pixels.extend_from_slice(&new.pixels);
-    out.images.ids.extend(new.ids.iter().map(|id| format!("{PSEUDO_PREFIX}{id}")));
-    out.images.n += new.n;
+    let mut new = images.select(kept);
+    new.ids = new.ids.iter().map(|id| format!("{PSEUDO_PREFIX}{id}")).collect();
+    out.images = out.images.concat(&new)?;
     out.labels.extend_from_slice(labels);
-    (out, replaced)
+    Ok((out, replaced))
 }
 
 fn first_difference(a: &[String], b: &[String]) -> Option<String> {
@@ -126,7 +127,8 @@ impl StageKind for PseudoLabel {
         "pseudo_label"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: sets over image stores (the merged set is rows over the shared store).
+        2
     }
     /// Cheap (a threshold over predictions, appended to a set): under a cluster executor it runs in the controlling
     /// process rather than waiting in a queue.
@@ -179,16 +181,8 @@ impl StageKind for PseudoLabel {
         if let Some(d) = first_difference(&images.classes, &train.images.classes) {
             return Err(StageError::Input { name: "images".into(), msg: format!("label space differs from the training set's ({d})") });
         }
-        let (t, u) = (&train.images, &images);
-        if (t.height, t.width, t.channels) != (u.height, u.width, u.channels) {
-            return Err(StageError::Input {
-                name: "images".into(),
-                msg: format!("images are {}x{}x{}, the training set's {}x{}x{}: they cannot share a set", u.height, u.width, u.channels, t.height, t.width, t.channels),
-            });
-        }
-
         let (kept, labels) = select(&pred, threshold);
-        let (merged, replaced) = merge(&train, &images, &kept, &labels);
+        let (merged, replaced) = merge(&train, &images, &kept, &labels).map_err(|e| StageError::Input { name: "images".into(), msg: format!("{e}: they cannot share a set") })?;
         merged.check().map_err(|e| StageError::failed(format!("merged training set is inconsistent: {e}")))?;
 
         let c = pred.num_classes();
@@ -236,11 +230,11 @@ impl StageKind for PseudoLabel {
             kept: kept.len(),
             kept_fraction: if pred.n() == 0 { 0.0 } else { kept.len() as f64 / pred.n() as f64 },
             per_class,
-            previous_train: train.images.n,
+            previous_train: train.images.n(),
             replaced_previous: replaced,
             threshold,
             total: pred.n(),
-            train: merged.images.n,
+            train: merged.images.n(),
             truth: truth_check,
         };
         ctx.log(format!(
@@ -295,16 +289,12 @@ impl StageKind for PseudoLabel {
 mod tests {
     use super::*;
 
-    fn images(ids: &[&str]) -> ImageSet {
-        ImageSet {
-            n: ids.len(),
-            height: 1,
-            width: 1,
-            channels: 1,
-            pixels: (0..ids.len() as u8).collect(),
-            ids: ids.iter().map(|s| s.to_string()).collect(),
-            classes: vec!["a".into(), "b".into()],
-        }
+    /// Five 1x1 images in one store; `rows` of them under `ids`.
+    fn images(ids: &[&str], rows: &[usize]) -> ImageSet {
+        let all = ImageSet::from_pixels(1, 1, 1, (0..5u8).collect(), (0..5).map(|i| i.to_string()).collect(), vec!["a".into(), "b".into()]).unwrap();
+        let mut s = all.select(rows);
+        s.ids = ids.iter().map(|s| s.to_string()).collect();
+        s
     }
 
     #[test]
@@ -321,13 +311,17 @@ mod tests {
 
     #[test]
     fn merge_replaces_stale_pseudo_labels_of_the_same_set() {
-        let train = LabelledSet { images: images(&["t0", "pseudo:u1", "pseudo:v0"]), labels: vec![0, 0, 1] };
-        let unlabelled = images(&["u0", "u1"]);
-        let (m, replaced) = merge(&train, &unlabelled, &[1], &[1]);
+        let train = LabelledSet { images: images(&["t0", "pseudo:u1", "pseudo:v0"], &[0, 1, 2]), labels: vec![0, 0, 1] };
+        let unlabelled = images(&["u0", "u1"], &[3, 4]);
+        let (m, replaced) = merge(&train, &unlabelled, &[1], &[1]).unwrap();
         assert_eq!(replaced, 1);
         assert_eq!(m.images.ids, vec!["t0", "pseudo:v0", "pseudo:u1"]);
         assert_eq!(m.labels, vec![0, 1, 1]);
-        assert_eq!(m.images.pixels, vec![0, 2, 1]);
+        let px: Vec<u8> = (0..3).map(|i| m.images.image(i).unwrap().pixels[0]).collect();
+        assert_eq!(px, vec![0, 2, 4], "rows over the shared store, no pixel copied");
         m.check().unwrap();
+        // Images of another store (another data set) cannot join the set.
+        let other = ImageSet::from_pixels(1, 1, 1, vec![9, 8], vec!["x".into(), "y".into()], vec!["a".into(), "b".into()]).unwrap();
+        assert!(merge(&train, &other, &[0], &[0]).unwrap_err().contains("different image stores"));
     }
 }

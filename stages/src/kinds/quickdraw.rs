@@ -44,7 +44,8 @@ impl StageKind for QuickDraw {
         // 2: the `oracle` output. The other outputs are the same bytes as version 1's, so
         //    only this stage re-runs; everything downstream keeps its key (early cutoff).
         //    Without the bump, a version-1 entry (no `oracle`) would be reused.
-        2
+        // 3: sets as rows over one image store of every split (set format 2).
+        3
     }
 
     fn summary(&self) -> &'static str {
@@ -164,7 +165,7 @@ impl StageKind for QuickDraw {
         artifact::write_ground_truth(&ctx.output_dir("truth")?, &b.truth)?;
         artifact::write_oracle_set(&ctx.output_dir("oracle")?, &b.oracle)?;
         let open = b.truth.train_noise.iter().filter(|n| **n == artifact::Noise::OpenSet).count();
-        ctx.log(format!("train {} ({} open-set), val {}, test A {}, test B {}", b.train.images.n, open, b.val.images.n, b.testa.n, b.testb.n));
+        ctx.log(format!("train {} ({} open-set), val {}, test A {}, test B {}", b.train.images.n(), open, b.val.images.n(), b.testa.n(), b.testb.n()));
         ctx.progress(3, 3, "done");
         Ok(())
     }

@@ -42,7 +42,6 @@ use serde::{Deserialize, Serialize};
 use crate::artifact::{self, LabelledSet};
 use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::checkpoint::{self, WEIGHTS_FILE};
-use crate::ml::data::Images;
 use crate::ml::model::{Classifier, ModelConfig};
 use crate::ml::predictions::write_json;
 use crate::ml::train_loop::{Labelled, accuracy};
@@ -279,11 +278,6 @@ impl StageKind for Soup {
         {
             return Err(input_err("val", "its classes differ from the model's"));
         }
-        if let Some(v) = &val
-            && (v.images.height, v.images.width, v.images.channels) != (base.height, base.width, base.channels)
-        {
-            return Err(input_err("val", format!("images are {}x{}x{}, the model takes {}x{}x{}", v.images.height, v.images.width, v.images.channels, base.height, base.width, base.channels)));
-        }
         if s.greedy && val.is_none() {
             return Err(input_err("val", "method \"greedy\" ranks checkpoints by validation accuracy: connect `val`"));
         }
@@ -320,8 +314,7 @@ fn report_text(r: &SoupReport) -> String {
 }
 
 fn labelled(set: &LabelledSet) -> Result<Labelled<'_>, StageError> {
-    let i = &set.images;
-    Ok(Labelled { images: Images::new(i.n, i.height, i.width, i.channels, &i.pixels).map_err(StageError::failed)?, labels: &set.labels })
+    Ok(Labelled { images: &set.images, labels: &set.labels })
 }
 
 struct SoupJob<'a, 'c> {

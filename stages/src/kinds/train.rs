@@ -22,7 +22,6 @@ use crate::ml::augment::AugmentConfig;
 use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::checkpoint::{self, CheckpointEntry};
 use crate::ml::cnn::CnnConfig;
-use crate::ml::data::Images;
 use crate::ml::efficientnet::{EfficientNetConfig, LiteVariant};
 use crate::ml::head::HeadConfig;
 use crate::ml::loss::{EqlIndicator, LossConfig};
@@ -37,6 +36,7 @@ pub struct Train;
 
 /// Everything the parameters say, parsed once (used by `validate` and `run`).
 struct Settings {
+    image_size: usize,
     backbone: BackboneConfig,
     head: HeadConfig,
     logit_adjust: Option<LogitAdjust>,
@@ -50,6 +50,12 @@ struct Settings {
 fn check_pretrained(p: &Params) -> Result<(), StageError> {
     let n = p.list("pretrained")?.len();
     if n > 1 { Err(param_err("pretrained", format!("at most one file, found {n}"))) } else { Ok(()) }
+}
+
+/// The `image_size` parameter (0 = the images' own size), range-checked.
+pub(crate) fn image_size(p: &Params) -> Result<usize, StageError> {
+    let v = p.usize("image_size")?;
+    if v > 4096 { Err(param_err("image_size", format!("must be at most 4096, found {v}"))) } else { Ok(v) }
 }
 
 pub(crate) fn param_err(name: &str, msg: impl Into<String>) -> StageError {
@@ -254,7 +260,18 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
         label_smoothing: p.float("label_smoothing")?,
         margin_x: p.float("arcface_m_x")?,
         margin_y: p.float("arcface_m_y")?,
-        augment: AugmentConfig { shift: p.usize("aug_shift")?, flip: probability(p, "aug_flip")?, erase: probability(p, "aug_erase")?, randaugment_n: p.usize("aug_randaugment_n")?, randaugment_m: p.usize("aug_randaugment_m")? },
+        augment: AugmentConfig {
+            shift: p.usize("aug_shift")?,
+            flip: probability(p, "aug_flip")?,
+            erase: probability(p, "aug_erase")?,
+            randaugment_n: p.usize("aug_randaugment_n")?,
+            randaugment_m: p.usize("aug_randaugment_m")?,
+            crop_scale: probability(p, "aug_crop_scale")?,
+        },
+        max_steps: match p.usize("max_steps")? {
+            0 => None,
+            n => Some(n),
+        },
     };
     check_schedule(train.epochs, train.lr, train.min_lr, train.warmup_epochs, train.weight_decay)?;
     if train.augment.randaugment_m > crate::ml::randaugment::MAX_MAGNITUDE {
@@ -270,7 +287,7 @@ fn settings(p: &Params) -> Result<Settings, StageError> {
         return Err(param_err("label_smoothing", "must be in [0, 1)"));
     }
     check_pretrained(p)?;
-    Ok(Settings { backbone, head, logit_adjust, loss, train, keep_checkpoints: p.usize("keep_checkpoints")? })
+    Ok(Settings { image_size: image_size(p)?, backbone, head, logit_adjust, loss, train, keep_checkpoints: p.usize("keep_checkpoints")? })
 }
 
 impl StageKind for Train {
@@ -283,7 +300,10 @@ impl StageKind for Train {
         //    conv weight gradient, BatchNorm/LayerNorm and attention of `ml::conv`/`norm`/`vit`.
         // 4: `layer_decay` on CNN and EfficientNet blocks too; `freeze_epochs`; EfficientNet's
         //    depthwise convolution of `ml::conv`.
-        4
+        // 5: the loader: each epoch's order from (seed, epoch), each image's augmentation
+        //    from (seed, epoch, index) (was one stream through the epoch); `max_steps`;
+        //    sets over image stores, `image_size`, `aug_crop_scale`.
+        5
     }
     fn summary(&self) -> &'static str {
         "train a CNN, ViT or EfficientNet-Lite classifier (linear / logit-adjusted / sub-centre ArcFace head; CE / EQL / balanced softmax)"
@@ -317,7 +337,10 @@ impl StageKind for Train {
             ParamSpec::optional("layer_decay", Float, 1.0, "layer-wise lr decay per block: block i of L gets lr*d^(L+1-i), the stem/embeddings d^(L+1), head and after the blocks lr (CNN: each conv block; 1 = off)"),
             ParamSpec::optional("freeze_epochs", Int, 0, "freeze the backbone's stem for this many epochs (EfficientNet: stem + first stage; CNN: first stage; ViT: embeddings); its BatchNorm statistics still update"),
             ParamSpec::optional("warmup_epochs", Float, 1.0, "linear warm-up length in epochs (fractions allowed)"),
+            ParamSpec::optional("max_steps", Int, 0, "stop after this many optimiser steps, the schedule laid over them (0 = every epoch; for a few steps over a set too large for an epoch)"),
             ParamSpec::optional("seed", Int, 0, "weights, shuffling and augmentation"),
+            ParamSpec::optional("image_size", Int, 0, "images are brought to image_size x image_size (0 = the size they have, which a generated benchmark's have; required for imported files); fine-tuning from `init` keeps its model's size"),
+            ParamSpec::optional("aug_crop_scale", Float, 0.0, "RandomResizedCrop: smallest area fraction of the crop (0 = off: a centre crop when sizes differ; torchvision's default is 0.08)"),
             ParamSpec::optional("aug_shift", Int, 2, "random shift: pad by this many pixels and crop back (0 = off)"),
             ParamSpec::optional("aug_flip", Float, 0.5, "horizontal flip probability"),
             ParamSpec::optional("aug_erase", Float, 0.25, "random erasing probability"),
@@ -417,6 +440,21 @@ impl StageKind for Train {
             return Err(StageError::Input { name: "val".into(), msg: "its classes differ from the training set's".into() });
         }
         let counts = artifact::class_counts(&train.labels, train.n_classes()).into_iter().map(|n| n as u64).collect();
+        let base = match &init {
+            Some(dir) => Some(checkpoint::read_config(dir)?),
+            None => None,
+        };
+        // Fine-tuning without `image_size` keeps the init model's resolution.
+        let target = match (&base, s.image_size) {
+            (Some(b), 0) => Ok(b.input()),
+            _ => artifact::model_input(&[&train.images], s.image_size),
+        }
+        .map_err(|e| param_err("image_size", e))?;
+        if let Some(v) = &val
+            && v.images.channels() != target.channels
+        {
+            return Err(StageError::Input { name: "val".into(), msg: format!("its images have {} channels, the training set's {}", v.images.channels(), target.channels) });
+        }
         let mut config = ModelConfig {
             format: MODEL_FORMAT,
             backbone: s.backbone.clone(),
@@ -424,19 +462,18 @@ impl StageKind for Train {
             logit_adjust: s.logit_adjust,
             loss: s.loss.clone(),
             classes: train.images.classes.clone(),
-            height: train.images.height,
-            width: train.images.width,
-            channels: train.images.channels,
+            height: target.height,
+            width: target.width,
+            channels: target.channels,
             class_counts: counts,
             epoch: 0,
         };
-        if let Some(dir) = &init {
-            let base = checkpoint::read_config(dir)?;
+        if let Some(base) = base {
             if (base.height, base.width, base.channels) != (config.height, config.width, config.channels) {
                 return Err(StageError::Input {
                     name: "init".into(),
                     msg: format!(
-                        "the model takes {}x{}x{} images, the training set has {}x{}x{}",
+                        "the model takes {}x{}x{} images, this run's are {}x{}x{} (`image_size` and the training set's channels)",
                         base.height, base.width, base.channels, config.height, config.width, config.channels
                     ),
                 });
@@ -449,7 +486,7 @@ impl StageKind for Train {
         config.check().map_err(StageError::failed)?;
         ctx.log(format!(
             "train: {} images, {} classes, {}x{}x{}, backend {}",
-            train.images.n,
+            train.images.n(),
             config.num_classes(),
             config.height,
             config.width,
@@ -490,8 +527,7 @@ struct TrainJob<'a, 'c> {
 }
 
 fn labelled(set: &LabelledSet) -> Result<Labelled<'_>, StageError> {
-    let i = &set.images;
-    Ok(Labelled { images: Images::new(i.n, i.height, i.width, i.channels, &i.pixels).map_err(StageError::failed)?, labels: &set.labels })
+    Ok(Labelled { images: &set.images, labels: &set.labels })
 }
 
 impl BackendJob for TrainJob<'_, '_> {

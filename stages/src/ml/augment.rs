@@ -1,4 +1,5 @@
-//! Training-time augmentation on HWC u8 images, on the CPU before batching, from the
+//! Training-time augmentation on HWC u8 images (after `resize::fit` brought them to the
+//! model's size, with a random resized crop when `crop_scale` > 0), on the CPU before batching, from the
 //! run's seeded RNG (so a seed fixes the augmentation on every backend). Each trick is
 //! a parameter and 0 turns it off:
 //! - random shift: pad by `shift` pixels with zeros and crop back at a random offset
@@ -23,15 +24,24 @@ pub struct AugmentConfig {
     pub randaugment_n: usize,
     #[serde(default)]
     pub randaugment_m: usize,
+    /// `RandomResizedCrop`'s smallest area fraction (0 = off: images at another size than
+    /// the model's are centre-cropped and resized, see `resize`); written before it
+    /// existed: off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub crop_scale: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl AugmentConfig {
     pub fn none() -> Self {
-        AugmentConfig { shift: 0, flip: 0.0, erase: 0.0, randaugment_n: 0, randaugment_m: 0 }
+        AugmentConfig { shift: 0, flip: 0.0, erase: 0.0, randaugment_n: 0, randaugment_m: 0, crop_scale: 0.0 }
     }
 
     pub fn is_none(&self) -> bool {
-        self.shift == 0 && self.flip <= 0.0 && self.erase <= 0.0 && self.randaugment_n == 0
+        self.shift == 0 && self.flip <= 0.0 && self.erase <= 0.0 && self.randaugment_n == 0 && self.crop_scale <= 0.0
     }
 
     /// Augmented copy of one HWC image.
@@ -134,7 +144,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let none = AugmentConfig::none();
         assert_eq!(none.apply(&img, 28, 28, 1, &mut rng), img);
-        let always = AugmentConfig { shift: 0, flip: 0.0, erase: 1.0, randaugment_n: 0, randaugment_m: 0 };
+        let always = AugmentConfig { shift: 0, flip: 0.0, erase: 1.0, randaugment_n: 0, randaugment_m: 0, crop_scale: 0.0 };
         let out = always.apply(&img, 28, 28, 1, &mut rng);
         let changed = out.iter().filter(|&&v| v != 7).count();
         assert!(changed > 0 && changed < 28 * 28 / 2, "{changed}");

@@ -40,17 +40,22 @@ impl<'a> Images<'a> {
     }
 }
 
+/// One HWC image of `plane` pixels into `out` (its `channels * plane` CHW floats),
+/// normalised to [-1, 1].
+pub fn hwc_to_chw(img: &[u8], plane: usize, channels: usize, out: &mut [f32]) {
+    for p in 0..plane {
+        for ch in 0..channels {
+            out[ch * plane + p] = img[p * channels + ch] as f32 / 127.5 - 1.0;
+        }
+    }
+}
+
 /// Normalised NCHW floats of HWC images given one after another.
 pub fn to_nchw(images: &[&[u8]], height: usize, width: usize, channels: usize) -> Vec<f32> {
     let plane = height * width;
     let mut out = vec![0f32; images.len() * channels * plane];
     for (b, img) in images.iter().enumerate() {
-        let base = b * channels * plane;
-        for p in 0..plane {
-            for ch in 0..channels {
-                out[base + ch * plane + p] = img[p * channels + ch] as f32 / 127.5 - 1.0;
-            }
-        }
+        hwc_to_chw(img, plane, channels, &mut out[b * channels * plane..(b + 1) * channels * plane]);
     }
     out
 }

@@ -13,13 +13,13 @@ use burn::module::{Module, Param, ParamId};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::augment::AugmentConfig;
 use super::conv::TrainBackend;
-use super::data::{Images, batch_tensor};
+use super::loader::{Augmentation, Concat, ImageSource, LoaderConfig, epoch_order, run_pass};
+use super::resize::Target;
 use super::norm::LayerNorm;
 use super::optim::GroupedAdamW;
 use super::schedule::lr_at;
@@ -27,6 +27,7 @@ use super::vit::{Attention, Block, Vit, VitConfig};
 use burn::module::AutodiffModule;
 use fgflow_engine::StageError;
 use rand::SeedableRng;
+use rand::seq::SliceRandom;
 use std::time::Instant;
 
 /// The decoder's sizes and the masking (stored in the pre-training log).
@@ -197,6 +198,9 @@ pub struct PretrainEpoch {
     pub images_per_sec: f64,
 }
 
+/// The loader's salt of pre-training (order and augmentation streams).
+const MAE_SALT: u64 = 0x5eed_da7a_0000_0002;
+
 /// Pre-train `mae` on every image of `sets` (one shuffled pool); returns the inference
 /// model. `on_step(step, total)` and `on_epoch` report progress.
 pub fn pretrain<B: TrainBackend>(
@@ -204,18 +208,16 @@ pub fn pretrain<B: TrainBackend>(
     mut mae: Mae<B>,
     config: &MaeConfig,
     tc: &PretrainConfig,
-    sets: &[Images<'_>],
+    target: Target,
+    sets: &[&dyn ImageSource],
     on_step: &mut dyn FnMut(usize, usize),
     on_epoch: &mut dyn FnMut(&PretrainEpoch) -> Result<(), StageError>,
 ) -> Result<Mae<B::InnerBackend>, StageError> {
-    let pool: Vec<(usize, usize)> = sets.iter().enumerate().flat_map(|(s, set)| (0..set.n).map(move |i| (s, i))).collect();
-    let Some(first) = sets.first() else {
-        return Err(StageError::failed("no images to pre-train on"));
-    };
+    let pool = Concat::new(sets);
     if pool.is_empty() {
         return Err(StageError::failed("no images to pre-train on"));
     }
-    let (h, w, ch) = (first.height, first.width, first.channels);
+    let (h, w, ch) = (target.height, target.width, target.channels);
     let patches = (h / mae.patch) * (w / mae.patch);
     let visible = config.visible(patches);
     if patches < 2 {
@@ -226,32 +228,37 @@ pub fn pretrain<B: TrainBackend>(
     let total = steps_per_epoch * tc.epochs;
     let warmup = (tc.warmup_epochs * steps_per_epoch as f64).round() as usize;
     let mut optim = GroupedAdamW::<B, Mae<B>>::new(&mae, tc.weight_decay, 1.0);
-    // Separate streams for the order/augmentation and for the masks.
-    let mut rng = ChaCha8Rng::seed_from_u64(tc.seed ^ 0x5eed_da7a_0000_0002);
+    // The masks come from their own stream, drawn in batch order on this thread.
     let mut mask_rng = ChaCha8Rng::seed_from_u64(tc.seed ^ 0x5eed_da7a_0000_0003);
-    let mut order = pool.clone();
     let mut step = 0usize;
+    let loader = LoaderConfig::from_env();
     for epoch in 1..=tc.epochs {
         let started = Instant::now();
-        order.shuffle(&mut rng);
+        let batches: Vec<Vec<usize>> = epoch_order(pool.len(), MAE_SALT, tc.seed, epoch).chunks(bs).map(|c| c.to_vec()).collect();
         let (mut loss_sum, mut seen, mut lr) = (0.0f64, 0usize, tc.lr);
-        for chunk in order.chunks(bs) {
-            let augmented: Vec<Vec<u8>> = chunk.iter().map(|&(s, i)| tc.augment.apply(sets[s].image(i), h, w, ch, &mut rng)).collect();
-            let refs: Vec<&[u8]> = augmented.iter().map(|v| v.as_slice()).collect();
-            let x = batch_tensor::<B>(&refs, h, w, ch, device);
-            let masks = Masks::draw(chunk.len(), patches, visible, &mut mask_rng);
-            let loss = mae.loss(x, &masks, config.norm_pix);
+        let mut slot = Some(mae);
+        let aug = Augmentation { config: &tc.augment, salt: MAE_SALT, seed: tc.seed, epoch };
+        let pass = run_pass(&pool, &batches, target, Some(aug), loader, |_, batch| -> Result<(), StageError> {
+            let Some(mut m) = slot.take() else { return Err(StageError::failed("the model was lost by a failed step")) };
+            let n = batch.indices.len();
+            let x = Tensor::<B, 4>::from_data(TensorData::new(batch.nchw, [n, ch, h, w]), device);
+            let masks = Masks::draw(n, patches, visible, &mut mask_rng);
+            let loss = m.loss(x, &masks, config.norm_pix);
             let value = loss.clone().detach().into_data().convert::<f64>().to_vec::<f64>().ok().and_then(|v| v.first().copied()).unwrap_or(f64::NAN);
             if !value.is_finite() {
                 return Err(StageError::failed(format!("the reconstruction loss became {value} at epoch {epoch}, step {step}: lower lr")));
             }
-            loss_sum += value * chunk.len() as f64;
-            seen += chunk.len();
+            loss_sum += value * n as f64;
+            seen += n;
             lr = lr_at(step, total, warmup, tc.lr, tc.min_lr);
-            mae = optim.step(lr, mae, loss.backward());
+            m = optim.step(lr, m, loss.backward());
+            slot = Some(m);
             step += 1;
             on_step(step, total);
-        }
+            Ok(())
+        });
+        pass.map_err(|e| e.into_stage("pre-training images"))?;
+        mae = slot.ok_or_else(|| StageError::failed("the model was lost by a failed step"))?;
         let seconds = started.elapsed().as_secs_f64();
         on_epoch(&PretrainEpoch { epoch, loss: loss_sum / seen.max(1) as f64, lr, seconds, images_per_sec: seen as f64 / seconds.max(1e-9) })?;
     }

@@ -82,6 +82,11 @@ impl ModelConfig {
         self.classes.len()
     }
 
+    /// The input images are brought to (the loader's target).
+    pub fn input(&self) -> super::resize::Target {
+        super::resize::Target { height: self.height, width: self.width, channels: self.channels }
+    }
+
     /// Build a freshly initialised classifier (weights from `seed`).
     pub fn init<B: Backend>(&self, seed: u64, device: &B::Device) -> Classifier<B> {
         let backbone = match &self.backbone {

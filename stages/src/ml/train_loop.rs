@@ -5,8 +5,9 @@
 //! (ArcFace margins), apply the loss-side adjustments (in-loss logit adjustment,
 //! balanced softmax, EQL), cross-entropy, backward, grouped AdamW at the scheduled
 //! learning rate, then fold the batch's EQL increments into the model's buffers.
-//! Randomness (shuffle, augmentation) comes from a ChaCha stream seeded by the run, and
-//! weights are initialised from the seed (`init`), so a seed fixes a run on a backend.
+//! Batches are made ahead by the loader's worker threads (`loader`): the epoch's order
+//! from (seed, epoch), each image's augmentation from (seed, epoch, index), and weights
+//! from the seed (`init`), so a seed fixes a run on a backend whatever the threads.
 
 use crate::ml::conv::{ConvBackend, TrainBackend};
 use std::time::Instant;
@@ -17,13 +18,11 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use fgflow_engine::StageError;
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::augment::AugmentConfig;
-use super::data::{Images, batch_tensor};
+use super::loader::{Augmentation, ImageSource, LoaderConfig, batches_of, epoch_order, run_pass};
+use super::resize::Target;
 use super::head::{adaptive_margins, log_prior};
 use super::loss::{LossConfig, add_per_class, cross_entropy, eql_adjust, eql_increments, eql_indicator};
 use super::model::{AdjustMode, Classifier, ModelConfig};
@@ -54,16 +53,23 @@ pub struct TrainConfig {
     pub margin_x: f64,
     pub margin_y: f64,
     pub augment: AugmentConfig,
+    /// Stop after this many optimiser steps (the schedule is laid over them), for a few
+    /// steps over a set too large for a whole epoch; `None`: every epoch runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<usize>,
 }
+
+/// The loader's salt of `train` (order and augmentation streams).
+const TRAIN_SALT: u64 = 0x5eed_da7a_0000_0001;
 
 fn no_layer_decay() -> f64 {
     1.0
 }
 
 /// Images with one label each.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Labelled<'a> {
-    pub images: Images<'a>,
+    pub images: &'a dyn ImageSource,
     pub labels: &'a [u32],
 }
 
@@ -116,24 +122,20 @@ pub fn train<B: TrainBackend>(
 ) -> Result<Classifier<B::InnerBackend>, StageError> {
     let c = config.num_classes();
     let imgs = data.images;
-    if imgs.n == 0 {
+    let n = imgs.len();
+    if n == 0 {
         return Err(StageError::failed("the training set is empty"));
     }
-    if data.labels.len() != imgs.n {
-        return Err(StageError::failed(format!("{} labels for {} training images", data.labels.len(), imgs.n)));
+    if data.labels.len() != n {
+        return Err(StageError::failed(format!("{} labels for {n} training images", data.labels.len())));
     }
     if let Some(&bad) = data.labels.iter().find(|&&l| l as usize >= c) {
         return Err(StageError::failed(format!("training label {bad} is out of range for {c} classes")));
     }
-    if (imgs.height, imgs.width, imgs.channels) != (config.height, config.width, config.channels) {
-        return Err(StageError::failed(format!(
-            "training images are {}x{}x{}, the model expects {}x{}x{}",
-            imgs.height, imgs.width, imgs.channels, config.height, config.width, config.channels
-        )));
-    }
+    let target = config.input();
     let bs = tc.batch_size.max(1);
-    let steps_per_epoch = imgs.n.div_ceil(bs);
-    let total = steps_per_epoch * tc.epochs;
+    let steps_per_epoch = n.div_ceil(bs);
+    let total = (steps_per_epoch * tc.epochs).min(tc.max_steps.unwrap_or(usize::MAX)).max(1);
     let warmup = (tc.warmup_epochs * steps_per_epoch as f64).round() as usize;
 
     // Class-count-derived constants.
@@ -155,33 +157,34 @@ pub fn train<B: TrainBackend>(
     if !frozen.is_empty() {
         model = set_require_grad(model, &frozen, false);
     }
-    // A separate stream from the weight initialisation's (which uses `seed` itself).
-    let mut rng = ChaCha8Rng::seed_from_u64(tc.seed ^ 0x5eed_da7a_0000_0001);
-    let mut order: Vec<usize> = (0..imgs.n).collect();
     let mut step = 0usize;
-    let (h, w, ch) = (imgs.height, imgs.width, imgs.channels);
+    let (h, w, ch) = (target.height, target.width, target.channels);
+    let loader = LoaderConfig::from_env();
 
     for epoch in 1..=tc.epochs {
+        if step >= total {
+            break;
+        }
         if epoch == tc.freeze_epochs + 1 && !frozen.is_empty() {
             model = set_require_grad(model, &frozen, true);
         }
         let started = Instant::now();
-        order.shuffle(&mut rng);
+        let (mut batches, dropped) = batches_of(&epoch_order(n, TRAIN_SALT, tc.seed, epoch), bs);
+        batches.truncate(total - step);
         let (mut loss_sum, mut seen, mut correct) = (0.0f64, 0usize, 0usize);
         let mut lr = tc.lr;
-        for chunk in order.chunks(bs) {
-            // A lone sample gives BatchNorm a zero variance; skip it (it is reshuffled next epoch).
-            if chunk.len() < 2 && imgs.n >= 2 {
-                step += 1;
-                continue;
-            }
-            let augmented: Vec<Vec<u8>> = chunk.iter().map(|&i| tc.augment.apply(imgs.image(i), h, w, ch, &mut rng)).collect();
-            let refs: Vec<&[u8]> = augmented.iter().map(|v| v.as_slice()).collect();
-            let x = batch_tensor::<B>(&refs, h, w, ch, device);
-            let ys: Vec<u32> = chunk.iter().map(|&i| data.labels[i]).collect();
+        // The model moves through each optimiser step; the slot is refilled before the
+        // closure returns, and only an error leaves it empty (and ends the run).
+        let mut slot = Some(model);
+        let aug = Augmentation { config: &tc.augment, salt: TRAIN_SALT, seed: tc.seed, epoch };
+        let pass = run_pass(imgs, &batches, target, Some(aug), loader, |_, batch| -> Result<(), StageError> {
+            let Some(mut m) = slot.take() else { return Err(StageError::failed("the model was lost by a failed step")) };
+            let n = batch.indices.len();
+            let x = Tensor::<B, 4>::from_data(TensorData::new(batch.nchw, [n, ch, h, w]), device);
+            let ys: Vec<u32> = batch.indices.iter().map(|&i| data.labels[i]).collect();
             let y = labels_tensor::<B>(&ys, device);
 
-            let mut logits = model.forward_train(x, y.clone(), margins.clone());
+            let mut logits = m.forward_train(x, y.clone(), margins.clone());
             if let Some(p) = &in_loss_prior {
                 logits = add_per_class(logits, p.clone());
             }
@@ -190,7 +193,7 @@ pub fn train<B: TrainBackend>(
             }
             let mut eql_update = None;
             if let LossConfig::Eql { tau, eps, indicator } = config.loss {
-                let g = eql_indicator(model.eql_pos.val(), model.eql_neg.val(), indicator, eps).detach();
+                let g = eql_indicator(m.eql_pos.val(), m.eql_neg.val(), indicator, eps).detach();
                 logits = eql_adjust(logits, y.clone(), g, tau, eps);
                 eql_update = Some(eql_increments(logits.clone().detach(), y.clone()));
             }
@@ -201,18 +204,26 @@ pub fn train<B: TrainBackend>(
             if !loss_value.is_finite() {
                 return Err(StageError::failed(format!("the loss became {loss_value} at epoch {epoch}, step {step}: lower lr")));
             }
-            loss_sum += loss_value * chunk.len() as f64;
-            seen += chunk.len();
+            loss_sum += loss_value * n as f64;
+            seen += n;
 
             lr = lr_at(step, total, warmup, tc.lr, tc.min_lr);
             let grads = loss.backward();
-            model = optim.step(lr, model, grads);
+            m = optim.step(lr, m, grads);
             if let Some((dp, dn)) = eql_update {
-                let (p, n) = (model.eql_pos.val() + dp, model.eql_neg.val() + dn);
-                model = model.set_eql(p, n);
+                let (p, n) = (m.eql_pos.val() + dp, m.eql_neg.val() + dn);
+                m = m.set_eql(p, n);
             }
+            slot = Some(m);
             step += 1;
             observer.step(step, total);
+            Ok(())
+        });
+        pass.map_err(|e| e.into_stage("training set"))?;
+        model = slot.ok_or_else(|| StageError::failed("the model was lost by a failed step"))?;
+        // The skipped lone sample still counts as a step of the schedule (reshuffled next epoch).
+        if dropped && step < total {
+            step += 1;
         }
         let inference = model.valid();
         let val_acc = match val {
@@ -250,10 +261,11 @@ fn set_require_grad<B: TrainBackend>(model: Classifier<B>, ids: &HashSet<ParamId
 
 /// Top-1 accuracy of an inference model (no TTA; the model's own post-hoc adjustment).
 pub fn accuracy<B: ConvBackend>(model: &Classifier<B>, config: &ModelConfig, set: Labelled<'_>, batch_size: usize) -> Result<f64, StageError> {
-    if set.images.n == 0 {
+    let n = set.images.len();
+    if n == 0 {
         return Ok(0.0);
     }
-    let mut logits = predict_logits(model, set.images, batch_size, false)?;
+    let mut logits = predict_logits(model, config.input(), set.images, batch_size, false)?;
     if let Some(la) = config.logit_adjust
         && la.mode == AdjustMode::PostHoc
     {
@@ -261,7 +273,7 @@ pub fn accuracy<B: ConvBackend>(model: &Classifier<B>, config: &ModelConfig, set
     }
     let c = config.num_classes();
     let ok = logits.chunks(c).zip(set.labels).filter(|(row, y)| super::predictions::argmax(row) == **y as usize).count();
-    Ok(ok as f64 / set.images.n as f64)
+    Ok(ok as f64 / n as f64)
 }
 
 /// logits[:, c] -= prior[c] (post-hoc logit adjustment, prior = tau*log p_c).
@@ -274,19 +286,23 @@ pub fn post_hoc_adjust(logits: &mut [f32], prior: &[f32]) {
     }
 }
 
-/// Logits [N*C] row-major of an inference model; with `flip_tta` the mean of the
-/// logits of each image and its horizontal mirror.
-pub fn predict_logits<B: ConvBackend>(model: &Classifier<B>, images: Images<'_>, batch_size: usize, flip_tta: bool) -> Result<Vec<f32>, StageError> {
+/// Logits [N*C] row-major of an inference model over `images` brought to `target` (the
+/// centre crop), streamed through the loader; with `flip_tta` the mean of the logits of
+/// each image and its horizontal mirror.
+pub fn predict_logits<B: ConvBackend>(model: &Classifier<B>, target: Target, images: &dyn ImageSource, batch_size: usize, flip_tta: bool) -> Result<Vec<f32>, StageError> {
     let device = model_device(model);
-    let (h, w, c) = (images.height, images.width, images.channels);
-    let mut out = Vec::new();
     let bs = batch_size.max(1);
-    for start in (0..images.n).step_by(bs) {
-        let end = (start + bs).min(images.n);
-        let refs: Vec<&[u8]> = (start..end).map(|i| images.image(i)).collect();
-        let x = batch_tensor::<B>(&refs, h, w, c, &device);
+    let order: Vec<usize> = (0..images.len()).collect();
+    let batches: Vec<Vec<usize>> = order.chunks(bs).map(|c| c.to_vec()).collect();
+    let mut out = Vec::with_capacity(images.len());
+    let Target { height: h, width: w, channels: c } = target;
+    let pass = run_pass(images, &batches, target, None, LoaderConfig::from_env(), |_, batch| -> Result<(), StageError> {
+        let n = batch.indices.len();
+        let x = Tensor::<B, 4>::from_data(TensorData::new(batch.nchw, [n, c, h, w]), &device);
         out.extend(to_f32(batch_logits(model, x, flip_tta)));
-    }
+        Ok(())
+    });
+    pass.map_err(|e| e.into_stage("images"))?;
     Ok(out)
 }
 
@@ -344,7 +360,8 @@ mod tests {
             label_smoothing: 0.0,
             margin_x: 0.45,
             margin_y: 0.05,
-            augment: AugmentConfig { shift: 0, flip: 0.0, erase: 0.0, randaugment_n: 0, randaugment_m: 0 },
+            augment: AugmentConfig { shift: 0, flip: 0.0, erase: 0.0, randaugment_n: 0, randaugment_m: 0, crop_scale: 0.0 },
+            max_steps: None,
         }
     }
 
@@ -381,7 +398,8 @@ mod tests {
         let d = Default::default();
         let pixels: Vec<u8> = (0..12 * 784).map(|i| ((i * 7919) % 251) as u8).collect();
         let labels: Vec<u32> = (0..12).map(|i| i % 3).collect();
-        let data = Labelled { images: Images::new(12, 28, 28, 1, &pixels).unwrap(), labels: &labels };
+        let images = super::super::data::Images::new(12, 28, 28, 1, &pixels).unwrap();
+        let data = Labelled { images: &images, labels: &labels };
         for backbone in [
             BackboneConfig::Cnn(CnnConfig { widths: vec![4, 8], blocks: 2 }),
             BackboneConfig::EfficientnetLite(EfficientNetConfig { variant: LiteVariant::Lite0, resolution: 32 }),

@@ -68,7 +68,7 @@ pub fn quickdraw(classes: &[usize], train_per_class: usize, per_class: usize) ->
     let class_names: Vec<String> = classes.iter().map(|&k| names[k].clone()).collect();
     let [a, b] = sets;
     let make = |(pixels, labels, ids): (Vec<u8>, Vec<u32>, Vec<String>)| LabelledSet {
-        images: ImageSet { n: labels.len(), height: 28, width: 28, channels: 1, pixels, ids, classes: class_names.clone() },
+        images: ImageSet::from_pixels(28, 28, 1, pixels, ids, class_names.clone()).unwrap(),
         labels,
     };
     (make(a), make(b))
