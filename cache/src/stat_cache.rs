@@ -164,26 +164,49 @@ impl StatCache {
         if meta.is_file() {
             return self.file_digest(path);
         }
-        let mut files = Vec::new();
+        // Files are hashed; a symbolic link is not followed, but what it points to is
+        // part of the listing, so re-pointing one (a reader that follows links sees
+        // other bytes) changes the digest.
+        enum Item {
+            File(PathBuf),
+            Link(PathBuf),
+        }
+        let mut items = Vec::new();
         for entry in walkdir::WalkDir::new(path).sort_by_file_name() {
             let entry = entry.map_err(|e| CacheError::Io { path: path.to_path_buf(), source: e.into() })?;
-            if !entry.file_type().is_file() {
+            let kind = entry.file_type();
+            if !kind.is_file() && !kind.is_symlink() {
                 continue;
             }
             let rel = entry.path().strip_prefix(path).expect("walkdir yields paths under its root").to_string_lossy().into_owned();
-            files.push((rel, entry.into_path()));
+            let item = if kind.is_symlink() {
+                Item::Link(fs::read_link(entry.path()).map_err(io_err(entry.path()))?)
+            } else {
+                Item::File(entry.into_path())
+            };
+            items.push((rel, item));
         }
-        let probed: Vec<Result<_>> = {
+        let probed: Vec<Option<Result<_>>> = {
             use rayon::prelude::*;
             let this = &*self;
-            files.par_iter().map(|(_, p)| this.probe(p)).collect()
+            items.par_iter().map(|(_, item)| if let Item::File(p) = item { Some(this.probe(p)) } else { None }).collect()
         };
         let mut listing = Vec::new();
-        for ((rel, _), p) in files.iter().zip(probed) {
-            let d = self.keep(p?);
+        for ((rel, item), p) in items.iter().zip(probed) {
             listing.extend_from_slice(rel.as_bytes());
             listing.push(0);
-            listing.extend_from_slice(&d.0);
+            match (item, p) {
+                (Item::Link(target), _) => {
+                    listing.extend_from_slice(b"-> ");
+                    listing.extend_from_slice(target.to_string_lossy().as_bytes());
+                    listing.push(0);
+                }
+                (Item::File(_), Some(p)) => {
+                    let d = self.keep(p?);
+                    listing.extend_from_slice(&d.0);
+                }
+                (Item::File(_), None) => unreachable!("every file is probed"),
+            }
         }
         Ok(Digest::of_bytes(&listing))
     }
@@ -215,6 +238,22 @@ mod tests {
         // A content change with the same size is caught by mtime/ctime.
         fs::write(&f, b"jello").unwrap();
         assert_ne!(c.file_digest(&f).unwrap(), d1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn re_pointing_a_symbolic_link_changes_the_directory_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("data");
+        fs::create_dir_all(&root).unwrap();
+        fs::write(root.join("a.png"), b"a").unwrap();
+        fs::write(root.join("b.png"), b"b").unwrap();
+        std::os::unix::fs::symlink("a.png", root.join("link.png")).unwrap();
+        let mut c = StatCache::default();
+        let first = c.path_digest(&root).unwrap();
+        fs::remove_file(root.join("link.png")).unwrap();
+        std::os::unix::fs::symlink("b.png", root.join("link.png")).unwrap();
+        assert_ne!(c.path_digest(&root).unwrap(), first, "a reader following the link now sees other bytes");
     }
 
     #[test]
