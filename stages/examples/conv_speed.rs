@@ -9,7 +9,8 @@
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Distribution, Tensor, TensorPrimitive};
-use fgflow_stages::ml::conv::{ConvBackend, conv_same};
+use fgflow_stages::ml::conv::conv_same;
+use fgflow_stages::ml::kernels::KernelBackend;
 use std::time::Instant;
 
 type AD = Autodiff<Flex>;
@@ -39,7 +40,7 @@ fn main() {
     let dw = |ours: bool| {
         let t = Instant::now();
         let r = if ours {
-            <Flex as ConvBackend>::conv_same_weight_grad(prim(&xd), prim(&wd), prim(&gd))
+            <Flex as KernelBackend>::conv_same_weight_grad(prim(&xd), prim(&wd), prim(&gd))
         } else {
             <Flex as burn::tensor::ops::ModuleOps<Flex>>::conv2d_weight_backward(prim(&xd), prim(&wd), prim(&gd), ConvOptions::new([1, 1], [1, 1], [1, 1], 1))
         };

@@ -26,7 +26,7 @@ use fgflow_engine::StageError;
 use fgflow_stages::ml::augment::AugmentConfig;
 use fgflow_stages::ml::backend::{BackendJob, dispatch};
 use fgflow_stages::ml::cnn::CnnConfig;
-use fgflow_stages::ml::conv::TrainBackend;
+use fgflow_stages::ml::kernels::TrainBackend;
 use fgflow_stages::ml::data::Images;
 use fgflow_stages::store::Target;
 

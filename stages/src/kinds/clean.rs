@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::ml::conv::TrainBackend;
+use crate::ml::kernels::TrainBackend;
 use fgflow_engine::{ParamSpec, ParamType, Params, PortSpec, ProgressSink, Resources, RunContext, StageError, StageKind, Value};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -247,7 +247,8 @@ impl StageKind for Clean {
         // 2: empty classes no longer get a ln(1e-12) logit adjustment.
         // 3: training as `train` v3 (conv weight gradient, own norms and attention).
         // 4: training as `train` v5 (the loader); sets over image stores.
-        4
+        // 5: training as `train` v6 (the CPU kernels).
+        5
     }
     fn summary(&self) -> &'static str {
         "drop training samples whose label out-of-fold models do not support (k-fold train + predict)"

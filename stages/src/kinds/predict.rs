@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use crate::ml::conv::TrainBackend;
+use crate::ml::kernels::TrainBackend;
 use fgflow_engine::{ParamSpec, ParamType, Params, PortSpec, Resources, RunContext, StageError, StageKind};
 
 use crate::artifact::{self, ImageSet};
@@ -29,7 +29,8 @@ impl StageKind for Predict {
         // 3: the ViT's own LayerNorm/attention (same maths, other rounding).
         // 4: images of another size or channel count are brought to the model's (was
         //    an error), streamed through the loader.
-        4
+        // 5: the CPU kernels of `train` v6 (other rounding).
+        5
     }
     fn summary(&self) -> &'static str {
         "class probabilities and logits of a model over an image set (flip TTA, post-hoc logit adjustment)"

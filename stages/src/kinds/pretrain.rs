@@ -15,7 +15,7 @@ use crate::artifact::{self, ImageSet};
 use crate::ml::augment::AugmentConfig;
 use crate::ml::backend::{BackendJob, dispatch};
 use crate::ml::checkpoint;
-use crate::ml::conv::TrainBackend;
+use crate::ml::kernels::TrainBackend;
 use crate::ml::loader::ImageSource;
 use crate::ml::head::HeadConfig;
 use crate::ml::loss::LossConfig;
@@ -70,7 +70,8 @@ impl StageKind for Pretrain {
     fn version(&self) -> u32 {
         // 2: the loader's order and per-image augmentation streams (see `train` 5);
         //    sets over image stores, `image_size`.
-        2
+        // 3: the CPU kernels of `train` v6.
+        3
     }
     fn summary(&self) -> &'static str {
         "masked-autoencoder pre-training of the ViT on unlabelled images; `train` starts from it through `init`"

@@ -27,7 +27,7 @@
 //! (`soup.json`: method, the candidates with their validation accuracies, which went
 //! in, the soup's validation accuracy; `soup.txt` for people).
 
-use crate::ml::conv::TrainBackend;
+use crate::ml::kernels::TrainBackend;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -193,7 +193,8 @@ impl StageKind for Soup {
     }
     fn version(&self) -> u32 {
         // 2: greedy soup scores with the ViT's own LayerNorm/attention (other rounding).
-        2
+        // 3: scores with the CPU kernels of `train` v6.
+        3
     }
     fn summary(&self) -> &'static str {
         "model soup of one run's checkpoints: uniform mean of every weight and buffer, or greedy by validation accuracy"

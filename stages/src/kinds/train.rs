@@ -14,7 +14,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::ml::conv::TrainBackend;
+use crate::ml::kernels::TrainBackend;
 use fgflow_engine::{ParamSpec, ParamType, Params, PortSpec, Resources, RunContext, StageError, StageKind, Value};
 
 use crate::artifact::{self, LabelledSet};
@@ -303,7 +303,10 @@ impl StageKind for Train {
         // 5: the loader: each epoch's order from (seed, epoch), each image's augmentation
         //    from (seed, epoch, index) (was one stream through the epoch); `max_steps`;
         //    sets over image stores, `image_size`, `aug_crop_scale`.
-        5
+        // 6: the CPU kernels (`ml::kernels`: convolution, BatchNorm + ReLU, LayerNorm,
+        //    attention, GELU with its exact derivative, linear layers) and flex's
+        //    multi-threaded SIMD ops: other rounding, and GELU's gradient changed.
+        6
     }
     fn summary(&self) -> &'static str {
         "train a CNN, ViT or EfficientNet-Lite classifier (linear / logit-adjusted / sub-centre ArcFace head; CE / EQL / balanced softmax)"

@@ -11,7 +11,7 @@
 //! when `libcuda` cannot be loaded, so the first tiny operation runs under
 //! `catch_unwind` and a failure becomes a clear error instead of a crash.
 
-use crate::ml::conv::TrainBackend;
+use crate::ml::kernels::TrainBackend;
 use fgflow_engine::StageError;
 
 /// Every backend name the engine may pass, whether or not it is compiled in.

@@ -7,12 +7,12 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Initializer, PaddingConfig2d};
-use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::conv::{ConvBackend, conv_same};
+use super::conv::conv_same;
+use super::kernels::KernelBackend;
 use super::norm::BatchNorm2d;
 
 /// Sizes of the CNN (stored in the model config JSON).
@@ -79,13 +79,13 @@ pub struct Cnn<B: Backend> {
     pub pool: MaxPool2d,
 }
 
-impl<B: ConvBackend> Cnn<B> {
+impl<B: KernelBackend> Cnn<B> {
     /// [N, C, H, W] -> [N, feature_dim].
     pub fn forward(&self, mut x: Tensor<B, 4>) -> Tensor<B, 2> {
         let last = self.stages.len().saturating_sub(1);
         for (i, stage) in self.stages.iter().enumerate() {
             for block in &stage.blocks {
-                x = relu(block.norm.forward(conv_same(x, block.conv.weight.val())));
+                x = block.norm.forward_relu(conv_same(x, block.conv.weight.val()));
             }
             // Pool between stages only while there is room (28 -> 14 -> 7 -> 3).
             let [_, _, h, w] = x.dims();

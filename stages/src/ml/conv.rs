@@ -1,74 +1,44 @@
-//! The CNN's 3x3 "same" convolution as one autodiff operation whose backward pass is
-//! chosen here instead of burn's.
+//! The models' convolutions as autodiff operations whose passes are chosen here instead
+//! of burn's: the CNN's stride-1 "same" convolution ([`conv_same`]) and EfficientNet's
+//! depthwise convolution ([`depthwise`]). The backend trait they go through is
+//! [`KernelBackend`](super::kernels::KernelBackend); GPU backends keep burn's kernels.
 //!
-//! Measured on flex (burn 0.21.0, [64, 32, 28, 28] -> 32 channels, 2 threads): forward
-//! 22 ms, input gradient 22 ms, but burn's weight gradient 57 ms, because it runs as a
-//! convolution whose kernel is the whole 28x28 output gradient (an im2col with 9 output
-//! positions and one narrow gemm per input channel). The weight gradient is a plain
-//! matrix product, dW[o, (c, ky, kx)] = sum over (n, y, x) of dY[n, o, y, x] *
-//! X[n, c, y + ky - p, x + kx - p], so on the CPU backends it is computed here: per
-//! chunk of images, the shifted input rows are laid out once (im2col, row copies) and
-//! one gemm per image accumulates into the chunk's sum; chunks are fixed-size and summed
-//! in order, so the result does not depend on the thread count. GPU backends keep
-//! burn's kernels ([`ConvBackend`]'s default).
+//! `conv_same` on the CPU backends ([`cpu_conv_same`]): per image, im2col then one gemm,
+//! images in parallel. flex's own conv2d lays out the whole batch's im2col on the calling
+//! thread, and its transposed convolution (burn's input gradient) is a direct loop on one
+//! thread: together about half of that thread's time in the CNN's training step (perf,
+//! 2 threads), while the other core waited. The input gradient of a stride-1 "same"
+//! convolution is itself one, with the kernel transposed and flipped, so it runs through
+//! the same code. The weight gradient is a plain matrix product, dW[o, (c, ky, kx)] = sum
+//! over (n, y, x) of dY[n, o, y, x] * X[n, c, y + ky - p, x + kx - p] (burn runs it as a
+//! convolution whose kernel is the whole output gradient: 57 ms for [64, 32, 28, 28]):
+//! per chunk of images, im2col and one gemm per image accumulate into the chunk's sum;
+//! chunks are fixed-size and summed in order, so the result does not depend on the
+//! thread count.
 //!
 //! EfficientNet's depthwise convolutions (one 3x3 or 5x5 filter per channel, stride 1
-//! or 2, TF "SAME" padding that may be uneven) are one autodiff op here too
-//! ([`depthwise`]): burn's grouped conv2d backward on flex cost about 10x its forward
-//! (input gradient 260-290 ms for [32, 96, 32, 32], 3x3). On the CPU backends forward,
-//! input gradient and weight gradient are direct loops over each (image, channel)
-//! plane ([`depthwise_cpu`]), each filter tap one long loop over a zero-framed plane;
-//! GPU backends keep burn's kernels on an explicitly padded input ([`burn_depthwise`]).
-//!
-//! Every backend a model runs on implements [`ConvBackend`]; [`TrainBackend`] is what the
-//! training code asks for (an autodiff backend whose inner backend has it too).
+//! or 2, TF "SAME" padding that may be uneven): burn's grouped conv2d backward on flex
+//! cost about 10x its forward (input gradient 260-290 ms for [32, 96, 32, 32], 3x3). On
+//! the CPU backends forward, input gradient and weight gradient are direct loops over
+//! each (image, channel) plane ([`depthwise_cpu`]), each filter tap one long loop over a
+//! zero-framed plane; GPU backends keep burn's kernels on an explicitly padded input
+//! ([`burn_depthwise`]).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::{Autodiff, Flex};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::backend::autodiff::ops::{Backward, Ops};
+use burn::tensor::backend::Backend;
 use burn::tensor::ops::{ConvOptions, FloatTensor, PadMode};
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Tensor, TensorPrimitive};
 use rayon::prelude::*;
+
+use super::cpu::CpuTensors;
+use super::kernels::KernelBackend;
 
 /// Images per partial sum of the weight gradient: fixed, so that the summation order
 /// (and so the bits of the result) does not depend on how many threads run.
 const IMAGES_PER_CHUNK: usize = 4;
 
-/// A backend the models run on: a stride-1, "same"-padded convolution without bias
-/// (odd square kernel), with its weight gradient overridable per backend.
-pub trait ConvBackend: Backend {
-    /// x [N, C, H, W], weight [O, C, k, k] -> [N, O, H, W] (padding (k-1)/2).
-    fn conv_same(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
-        let k = weight_kernel::<Self>(&weight);
-        Self::conv2d(x, weight, None, options(k))
-    }
-
-    /// The gradient of `conv_same` with respect to its weight.
-    fn conv_same_weight_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        let k = weight_kernel::<Self>(&weight);
-        Self::conv2d_weight_backward(x, weight, grad, options(k))
-    }
-
-    /// Depthwise convolution without bias: x [N, C, H, W], weight [C, 1, k, k] ->
-    /// [N, C, oh, ow], zero padding `pad` = [top, bottom, left, right] (uneven allowed).
-    /// Default: burn's grouped conv2d on an explicitly padded input ([`burn_depthwise`]).
-    fn depthwise(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad: [usize; 4]) -> FloatTensor<Self> {
-        burn_depthwise::forward::<Self>(x, weight, stride, pad)
-    }
-
-    /// The gradient of `depthwise` with respect to its input.
-    fn depthwise_x_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad: [usize; 4]) -> FloatTensor<Self> {
-        burn_depthwise::x_grad::<Self>(x, weight, grad, stride, pad)
-    }
-
-    /// The gradient of `depthwise` with respect to its weight.
-    fn depthwise_weight_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad: [usize; 4]) -> FloatTensor<Self> {
-        burn_depthwise::weight_grad::<Self>(x, weight, grad, stride, pad)
-    }
-}
 
 /// The depthwise convolution through burn's own kernels (what GPU backends run).
 pub mod burn_depthwise {
@@ -110,22 +80,18 @@ fn padded<B: Backend>(x: FloatTensor<B>, pad: [usize; 4]) -> FloatTensor<B> {
     x.pad((pad[2], pad[3], pad[0], pad[1]), PadMode::Constant(0.0)).into_primitive().tensor()
 }
 
-/// An autodiff backend for training: it and its inner (inference) backend are
-/// [`ConvBackend`]s.
-pub trait TrainBackend: AutodiffBackend<InnerBackend: ConvBackend> + ConvBackend {}
-impl<T: AutodiffBackend<InnerBackend: ConvBackend> + ConvBackend> TrainBackend for T {}
 
-fn options(k: usize) -> ConvOptions<2> {
+pub(crate) fn options(k: usize) -> ConvOptions<2> {
     let p = (k - 1) / 2;
     ConvOptions::new([1, 1], [p, p], [1, 1], 1)
 }
 
-fn weight_kernel<B: Backend>(weight: &FloatTensor<B>) -> usize {
+pub(crate) fn weight_kernel<B: Backend>(weight: &FloatTensor<B>) -> usize {
     dims4::<B>(weight)[2]
 }
 
 /// `conv_same` on tensors: the one call the models make.
-pub fn conv_same<B: ConvBackend>(x: Tensor<B, 4>, weight: Tensor<B, 4>) -> Tensor<B, 4> {
+pub fn conv_same<B: KernelBackend>(x: Tensor<B, 4>, weight: Tensor<B, 4>) -> Tensor<B, 4> {
     let [_, c, _, _] = x.dims();
     let [_, wc, kh, kw] = weight.dims();
     assert!(kh == kw && kh % 2 == 1 && c == wc, "conv_same needs an odd square kernel over all input channels");
@@ -133,50 +99,19 @@ pub fn conv_same<B: ConvBackend>(x: Tensor<B, 4>, weight: Tensor<B, 4>) -> Tenso
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-/// The CPU overrides, the same for every CPU backend.
-macro_rules! cpu_conv_backend {
-    ($backend:ty) => {
-        impl ConvBackend for $backend {
-            fn conv_same_weight_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-                cpu_weight_grad::<Self>(x, weight, grad)
-            }
-            fn depthwise(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad: [usize; 4]) -> FloatTensor<Self> {
-                depthwise_cpu::forward::<Self>(x, weight, stride, pad)
-            }
-            fn depthwise_x_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad: [usize; 4]) -> FloatTensor<Self> {
-                depthwise_cpu::x_grad::<Self>(x, weight, grad, stride, pad)
-            }
-            fn depthwise_weight_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad: [usize; 4]) -> FloatTensor<Self> {
-                depthwise_cpu::weight_grad::<Self>(x, weight, grad, stride, pad)
-            }
-        }
-    };
-}
-
-cpu_conv_backend!(Flex);
-#[cfg(feature = "ndarray")]
-cpu_conv_backend!(burn::backend::NdArray);
-
-#[cfg(feature = "wgpu")]
-impl ConvBackend for burn::backend::Wgpu {}
-
-#[cfg(feature = "cuda")]
-impl ConvBackend for burn::backend::Cuda {}
 
 #[derive(Debug)]
-struct ConvSameBackward;
+pub(crate) struct ConvSameBackward;
 
-impl<B: ConvBackend> Backward<B, 2> for ConvSameBackward {
+impl<B: KernelBackend> Backward<B, 2> for ConvSameBackward {
     type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_w] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let (x, weight) = ops.state;
-        let k = weight_kernel::<B>(&weight);
         if let Some(node) = node_x {
-            let dx = B::conv2d_x_backward(x.clone(), weight.clone(), grad.clone(), options(k));
-            grads.register::<B>(node.id, dx);
+            grads.register::<B>(node.id, B::conv_same_x_grad(x.clone(), weight.clone(), grad.clone()));
         }
         if let Some(node) = node_w {
             grads.register::<B>(node.id, B::conv_same_weight_grad(x, weight, grad));
@@ -185,12 +120,12 @@ impl<B: ConvBackend> Backward<B, 2> for ConvSameBackward {
 }
 
 #[derive(Debug)]
-struct DepthwiseBackward {
-    stride: usize,
-    pad: [usize; 4],
+pub(crate) struct DepthwiseBackward {
+    pub(crate) stride: usize,
+    pub(crate) pad: [usize; 4],
 }
 
-impl<B: ConvBackend> Backward<B, 2> for DepthwiseBackward {
+impl<B: KernelBackend> Backward<B, 2> for DepthwiseBackward {
     type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -207,32 +142,10 @@ impl<B: ConvBackend> Backward<B, 2> for DepthwiseBackward {
     }
 }
 
-impl<B: ConvBackend, C: CheckpointStrategy> ConvBackend for Autodiff<B, C> {
-    fn conv_same(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
-        let k = weight_kernel::<B>(&weight.primitive);
-        match ConvSameBackward.prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let out = B::conv_same(x.primitive.clone(), weight.primitive.clone());
-                prep.finish((x.primitive, weight.primitive), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::conv2d(x.primitive, weight.primitive, None, options(k))),
-        }
-    }
-
-    fn depthwise(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad: [usize; 4]) -> FloatTensor<Self> {
-        match (DepthwiseBackward { stride, pad }).prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let out = B::depthwise(x.primitive.clone(), weight.primitive.clone(), stride, pad);
-                prep.finish((x.primitive, weight.primitive), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::depthwise(x.primitive, weight.primitive, stride, pad)),
-        }
-    }
-}
 
 /// `depthwise` on tensors: x [N, C, H, W], weight [C, 1, k, k], padding [top, bottom,
 /// left, right] -> [N, C, (H + top + bottom - k) / stride + 1, ...].
-pub fn depthwise<B: ConvBackend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, stride: usize, pad: [usize; 4]) -> Tensor<B, 4> {
+pub fn depthwise<B: KernelBackend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, stride: usize, pad: [usize; 4]) -> Tensor<B, 4> {
     let [_, c, h, w] = x.dims();
     let [wc, one, kh, kw] = weight.dims();
     assert!(
@@ -243,23 +156,91 @@ pub fn depthwise<B: ConvBackend>(x: Tensor<B, 4>, weight: Tensor<B, 4>, stride: 
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-fn to_vec<B: Backend>(t: FloatTensor<B>) -> Vec<f32> {
-    let t: Tensor<B, 4> = Tensor::from_primitive(TensorPrimitive::Float(t));
-    // A float tensor always converts to f32.
-    t.into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default()
+/// A stride-1 "same" convolution on the CPU: per image, im2col then one gemm, images
+/// in parallel (each image's output is computed by one task, so the result does not
+/// depend on the thread count). flex's own conv2d lays out the whole batch's im2col on
+/// the calling thread (21% of that thread's time in the CNN's training step, perf).
+///
+/// With `transposed`, `x` is an output gradient and the result the input gradient: for
+/// a stride-1 "same" convolution that is itself a "same" convolution, with the kernel's
+/// input and output channels swapped and both spatial axes flipped (flex's transposed
+/// convolution, a direct loop on one thread, was 31% of that thread's time).
+pub(crate) fn cpu_conv_same<B: CpuTensors>(x: FloatTensor<B>, weight: FloatTensor<B>, transposed: bool) -> FloatTensor<B> {
+    let [n, c, h, w] = dims4::<B>(&x);
+    let [o, wc, k, _] = dims4::<B>(&weight);
+    let kernel = B::with_f32(&weight, |wt| if transposed { transpose_kernel(wt, o, wc, k) } else { wt.to_vec() });
+    // Transposed: x has the kernel's o channels and the result its wc channels.
+    let out_channels = if transposed { wc } else { o };
+    let y = B::with_f32(&x, |xs| conv_same_f32(xs, &kernel, n, c, h, w, out_channels, k));
+    B::from_f32(y, &[n, out_channels, h, w], &x)
+}
+
+/// w [o, c, k, k] -> [c, o, k, k] with both spatial axes reversed.
+fn transpose_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
+    let kk = k * k;
+    let mut t = vec![0f32; w.len()];
+    for oi in 0..o {
+        for ci in 0..c {
+            let src = &w[(oi * c + ci) * kk..][..kk];
+            let dst = &mut t[(ci * o + oi) * kk..][..kk];
+            for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = *s;
+            }
+        }
+    }
+    t
+}
+
+/// y [n, o, h, w] = x [n, c, h, w] (*) w [o, c, k, k], padding (k-1)/2, stride 1.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_same_f32(x: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize, k: usize) -> Vec<f32> {
+    let p = (k - 1) / 2;
+    let (hw, ckk) = (h * w, c * k * k);
+    let mut y = vec![0f32; n * o * hw];
+    if hw == 0 || o == 0 {
+        return y;
+    }
+    y.par_chunks_mut(o * hw).enumerate().for_each_init(
+        || vec![0f32; ckk * hw],
+        |cols, (i, yi)| {
+            im2col(&x[i * c * hw..(i + 1) * c * hw], cols, c, h, w, k, p);
+            // yi[o, hw] = wt[o, ckk] * cols[ckk, hw]
+            // SAFETY: the three buffers hold exactly o*hw, o*ckk and ckk*hw floats,
+            // and the strides below stay inside them.
+            unsafe {
+                gemm::gemm(
+                    o,
+                    hw,
+                    ckk,
+                    yi.as_mut_ptr(),
+                    1,
+                    hw as isize,
+                    false,
+                    wt.as_ptr(),
+                    1,
+                    ckk as isize,
+                    cols.as_ptr(),
+                    1,
+                    hw as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        },
+    );
+    y
 }
 
 /// The weight gradient on the CPU: im2col per image, then one gemm per image.
-fn cpu_weight_grad<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
-    use burn::tensor::TensorMetadata;
-    let device = B::float_device(&weight);
-    let dtype = weight.dtype();
-    let [o, c, k, _] = weight.shape().dims::<4>();
-    let [n, _, h, w] = x.shape().dims::<4>();
-    let (x, g) = (to_vec::<B>(x), to_vec::<B>(grad));
-    let dw = weight_grad_f32(&x, &g, n, c, h, w, o, k);
-    let t: Tensor<B, 4> = Tensor::from_data(TensorData::new(dw, [o, c, k, k]).convert_dtype(dtype), &device);
-    t.into_primitive().tensor()
+pub(crate) fn cpu_weight_grad<B: CpuTensors>(x: FloatTensor<B>, weight: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    let [o, c, k, _] = dims4::<B>(&weight);
+    let [n, _, h, w] = dims4::<B>(&x);
+    let dw = B::with_f32(&x, |xs| B::with_f32(&grad, |gs| weight_grad_f32(xs, gs, n, c, h, w, o, k)));
+    B::from_f32(dw, &[o, c, k, k], &weight)
 }
 
 /// dW [o, c*k*k] for x [n, c, h, w], g [n, o, h, w], padding (k-1)/2, stride 1.
@@ -383,29 +364,23 @@ pub mod depthwise_cpu {
         Geometry { n, c, h, w, k, stride, pad }
     }
 
-    fn tensor<B: Backend>(v: Vec<f32>, shape: [usize; 4], like: &FloatTensor<B>) -> FloatTensor<B> {
-        use burn::tensor::TensorMetadata;
-        let t: Tensor<B, 4> = Tensor::from_data(TensorData::new(v, shape).convert_dtype(like.dtype()), &B::float_device(like));
-        t.into_primitive().tensor()
-    }
-
-    pub fn forward<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, stride: usize, pad: [usize; 4]) -> FloatTensor<B> {
+    pub fn forward<B: CpuTensors>(x: FloatTensor<B>, weight: FloatTensor<B>, stride: usize, pad: [usize; 4]) -> FloatTensor<B> {
         let g = geometry::<B>(&x, &weight, stride, pad);
         let (oh, ow) = g.out();
-        let y = forward_f32(&to_vec::<B>(x), &to_vec::<B>(weight.clone()), g);
-        tensor::<B>(y, [g.n, g.c, oh, ow], &weight)
+        let y = B::with_f32(&x, |xs| B::with_f32(&weight, |ws| forward_f32(xs, ws, g)));
+        B::from_f32(y, &[g.n, g.c, oh, ow], &weight)
     }
 
-    pub fn x_grad<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, grad: FloatTensor<B>, stride: usize, pad: [usize; 4]) -> FloatTensor<B> {
+    pub fn x_grad<B: CpuTensors>(x: FloatTensor<B>, weight: FloatTensor<B>, grad: FloatTensor<B>, stride: usize, pad: [usize; 4]) -> FloatTensor<B> {
         let g = geometry::<B>(&x, &weight, stride, pad);
-        let dx = x_grad_f32(&to_vec::<B>(weight), &to_vec::<B>(grad.clone()), g);
-        tensor::<B>(dx, [g.n, g.c, g.h, g.w], &grad)
+        let dx = B::with_f32(&weight, |ws| B::with_f32(&grad, |gs| x_grad_f32(ws, gs, g)));
+        B::from_f32(dx, &[g.n, g.c, g.h, g.w], &grad)
     }
 
-    pub fn weight_grad<B: Backend>(x: FloatTensor<B>, weight: FloatTensor<B>, grad: FloatTensor<B>, stride: usize, pad: [usize; 4]) -> FloatTensor<B> {
+    pub fn weight_grad<B: CpuTensors>(x: FloatTensor<B>, weight: FloatTensor<B>, grad: FloatTensor<B>, stride: usize, pad: [usize; 4]) -> FloatTensor<B> {
         let g = geometry::<B>(&x, &weight, stride, pad);
-        let dw = weight_grad_f32(&to_vec::<B>(x), &to_vec::<B>(grad), g);
-        tensor::<B>(dw, [g.c, 1, g.k, g.k], &weight)
+        let dw = B::with_f32(&x, |xs| B::with_f32(&grad, |gs| weight_grad_f32(xs, gs, g)));
+        B::from_f32(dw, &[g.c, 1, g.k, g.k], &weight)
     }
 
     /// The padded layout every kernel works in, so that each filter tap is ONE long
@@ -570,6 +545,8 @@ pub mod depthwise_cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::TensorData;
     use burn::tensor::Distribution;
 
     type AD = Autodiff<Flex>;

@@ -40,7 +40,8 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::conv::{self, ConvBackend};
+use super::conv;
+use super::kernels::KernelBackend;
 use super::norm::BatchNorm2d;
 
 /// BatchNorm epsilon of the TensorFlow weights.
@@ -194,7 +195,7 @@ impl<B: Backend> ConvBn<B> {
 
 }
 
-impl<B: ConvBackend> ConvBn<B> {
+impl<B: KernelBackend> ConvBn<B> {
     /// Convolution, BatchNorm, then ReLU6 when `act`.
     fn forward(&self, x: Tensor<B, 4>, act: bool) -> Tensor<B, 4> {
         let [_, _, h, w] = x.dims();
@@ -251,7 +252,7 @@ pub struct MbConv<B: Backend> {
     pub residual: bool,
 }
 
-impl<B: ConvBackend> MbConv<B> {
+impl<B: KernelBackend> MbConv<B> {
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let h = match &self.expand {
             Some(e) => e.forward(x.clone(), true),
@@ -271,7 +272,7 @@ pub struct EfficientNet<B: Backend> {
     pub resolution: usize,
 }
 
-impl<B: ConvBackend> EfficientNet<B> {
+impl<B: KernelBackend> EfficientNet<B> {
     /// [N, 1 or 3, H, W] -> the last feature map [N, 1280, h, w].
     pub fn feature_map(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = super::data::rgb_at(x, self.resolution);

@@ -17,9 +17,11 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::augment::AugmentConfig;
-use super::conv::TrainBackend;
+use super::kernels::TrainBackend;
 use super::loader::{Augmentation, Concat, ImageSource, LoaderConfig, epoch_order, run_pass};
 use super::resize::Target;
+use super::kernels::KernelBackend;
+use super::linear;
 use super::norm::LayerNorm;
 use super::optim::GroupedAdamW;
 use super::schedule::lr_at;
@@ -136,7 +138,7 @@ impl Masks {
     }
 }
 
-impl<B: Backend> Mae<B> {
+impl<B: KernelBackend> Mae<B> {
     /// Mean squared error on the hidden patches of `x` [N, C, H, W] (pixels as
     /// `data::batch_tensor` maps them).
     pub fn loss(&self, x: Tensor<B, 4>, masks: &Masks, norm_pix: bool) -> Tensor<B, 1> {
@@ -151,14 +153,14 @@ impl<B: Backend> Mae<B> {
 
         // Decoder: visible tokens back in place, the mask token everywhere else.
         let dd = self.pos_embed.dims()[2];
-        let e = self.decoder_embed.forward(encoded.reshape([n * (k + 1), d])).reshape([n, k + 1, dd]);
+        let e = linear::forward(&self.decoder_embed, encoded.reshape([n * (k + 1), d])).reshape([n, k + 1, dd]);
         let shuffled = Tensor::cat(vec![e.narrow(1, 1, k), self.mask_token.val().expand([n, p - k, dd])], 1);
         let restore = Tensor::<B, 2, Int>::from_data(TensorData::new(masks.restore.clone(), [n, p]), &device);
         let mut y = (shuffled.gather(1, restore.reshape([n, p, 1]).expand([n, p, dd])) + self.pos_embed.val()).reshape([n * p, dd]);
         for block in &self.decoder_blocks {
             y = block.forward_tokens(y, n, p);
         }
-        let pred = self.decoder_pred.forward(self.decoder_norm.forward(y));
+        let pred = linear::forward(&self.decoder_pred, self.decoder_norm.forward(y));
 
         let [_, _, pixels] = target.dims();
         let mut target = target.reshape([n * p, pixels]);

@@ -6,16 +6,21 @@
 //! Later stages (ensemble, soup, pseudo-labels) reuse `checkpoint`, `predictions` and
 //! `metrics` to read what these kinds write.
 
+pub mod activation;
 pub mod allocator;
+pub mod attention;
 pub mod augment;
 pub mod backend;
 pub mod checkpoint;
 pub mod cnn;
 pub mod conv;
+pub mod cpu;
 pub mod data;
 pub mod efficientnet;
 pub mod head;
 pub mod init;
+pub mod kernels;
+pub mod linear;
 pub mod loader;
 pub mod loss;
 pub mod mae;

@@ -3,7 +3,7 @@
 //! rebuild the module and use it: sizes, class names, image shape, and the training
 //! class counts (for post-hoc logit adjustment and for head/middle/tail breakdowns).
 
-use super::conv::ConvBackend;
+use super::kernels::KernelBackend;
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
@@ -207,7 +207,7 @@ pub struct Classifier<B: Backend> {
     pub eql_neg: Param<Tensor<B, 1>>,
 }
 
-impl<B: ConvBackend> Classifier<B> {
+impl<B: KernelBackend> Classifier<B> {
     /// [N, C, H, W] -> features [N, d].
     pub fn features(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         match &self.backbone {

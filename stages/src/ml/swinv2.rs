@@ -32,11 +32,15 @@
 use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::Initializer;
-use burn::tensor::activation::{gelu, relu, sigmoid, softmax};
+use burn::tensor::activation::{relu, sigmoid, softmax};
+
+use super::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use super::kernels::KernelBackend;
+use super::linear::{Layout, linear};
 use super::norm::LayerNorm;
 use super::pretrained::{FileTensor, FileTensors};
 
@@ -321,13 +325,12 @@ impl<B: Backend> TLinear<B> {
         TLinear { weight: param(Tensor::zeros([outputs, inputs], device)), bias: bias.then(|| param(Tensor::zeros([outputs], device))) }
     }
 
+}
+
+impl<B: KernelBackend> TLinear<B> {
     /// x [rows, in] -> [rows, out].
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let y = x.matmul(self.weight.val().transpose());
-        match &self.bias {
-            Some(b) => y + b.val().unsqueeze_dim(0),
-            None => y,
-        }
+        linear(x, &self.weight, self.bias.as_ref(), Layout::OutIn)
     }
 }
 
@@ -411,7 +414,7 @@ pub struct WindowAttention<B: Backend> {
     pub geometry: Geometry,
 }
 
-impl<B: Backend> WindowAttention<B> {
+impl<B: KernelBackend> WindowAttention<B> {
     /// The position bias plus the shift mask, per window: [windows or 1, heads, n, n].
     fn bias(&self, device: &B::Device) -> Tensor<B, 4> {
         let g = &self.geometry;
@@ -467,7 +470,7 @@ pub struct Mlp<B: Backend> {
     pub fc2: TLinear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: KernelBackend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         self.fc2.forward(gelu(self.fc1.forward(x)))
     }
@@ -488,7 +491,7 @@ fn roll<B: Backend>(x: Tensor<B, 4>, s: usize) -> Tensor<B, 4> {
     Tensor::cat(vec![x.clone().narrow(2, s, w - s), x.narrow(2, 0, s)], 2)
 }
 
-impl<B: Backend> SwinBlock<B> {
+impl<B: KernelBackend> SwinBlock<B> {
     /// x [N, H, W, C] -> the same shape.
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [n, h, w, c] = x.dims();
@@ -511,7 +514,7 @@ pub struct PatchMerging<B: Backend> {
     pub norm: LayerNorm<B>,
 }
 
-impl<B: Backend> PatchMerging<B> {
+impl<B: KernelBackend> PatchMerging<B> {
     /// [N, H, W, C] -> [N, H/2, W/2, 2C]; the 4C inputs in timm's order (column
     /// offset, then row offset, then channel).
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
@@ -544,7 +547,7 @@ pub struct SwinV2<B: Backend> {
     pub resolution: usize,
 }
 
-impl<B: Backend> SwinV2<B> {
+impl<B: KernelBackend> SwinV2<B> {
     /// [N, 1 or 3, H, W] -> the final normed feature map [N, h, w, C].
     pub fn feature_map(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = super::data::rgb_at(x, self.resolution);

@@ -9,7 +9,7 @@
 //! from (seed, epoch), each image's augmentation from (seed, epoch, index), and weights
 //! from the seed (`init`), so a seed fixes a run on a backend whatever the threads.
 
-use crate::ml::conv::{ConvBackend, TrainBackend};
+use crate::ml::kernels::{KernelBackend, TrainBackend};
 use std::time::Instant;
 
 use std::collections::HashSet;
@@ -260,7 +260,7 @@ fn set_require_grad<B: TrainBackend>(model: Classifier<B>, ids: &HashSet<ParamId
 }
 
 /// Top-1 accuracy of an inference model (no TTA; the model's own post-hoc adjustment).
-pub fn accuracy<B: ConvBackend>(model: &Classifier<B>, config: &ModelConfig, set: Labelled<'_>, batch_size: usize) -> Result<f64, StageError> {
+pub fn accuracy<B: KernelBackend>(model: &Classifier<B>, config: &ModelConfig, set: Labelled<'_>, batch_size: usize) -> Result<f64, StageError> {
     let n = set.images.len();
     if n == 0 {
         return Ok(0.0);
@@ -289,7 +289,7 @@ pub fn post_hoc_adjust(logits: &mut [f32], prior: &[f32]) {
 /// Logits [N*C] row-major of an inference model over `images` brought to `target` (the
 /// centre crop), streamed through the loader; with `flip_tta` the mean of the logits of
 /// each image and its horizontal mirror.
-pub fn predict_logits<B: ConvBackend>(model: &Classifier<B>, target: Target, images: &dyn ImageSource, batch_size: usize, flip_tta: bool) -> Result<Vec<f32>, StageError> {
+pub fn predict_logits<B: KernelBackend>(model: &Classifier<B>, target: Target, images: &dyn ImageSource, batch_size: usize, flip_tta: bool) -> Result<Vec<f32>, StageError> {
     let device = model_device(model);
     let bs = batch_size.max(1);
     let order: Vec<usize> = (0..images.len()).collect();
@@ -307,7 +307,7 @@ pub fn predict_logits<B: ConvBackend>(model: &Classifier<B>, target: Target, ima
 }
 
 /// Logits of one batch, with optional flip TTA (flip on the width axis = mirror).
-pub fn batch_logits<B: ConvBackend>(model: &Classifier<B>, x: Tensor<B, 4>, flip_tta: bool) -> Tensor<B, 2> {
+pub fn batch_logits<B: KernelBackend>(model: &Classifier<B>, x: Tensor<B, 4>, flip_tta: bool) -> Tensor<B, 2> {
     if !flip_tta {
         return model.forward(x);
     }

@@ -20,11 +20,14 @@
 use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, Linear, LinearConfig};
-use burn::tensor::activation::gelu;
+use super::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
+use super::attention::{Heads, attention};
+use super::kernels::KernelBackend;
+use super::linear;
 use super::norm::LayerNorm;
 use super::pretrained::{FileTensor, FileTensors};
 
@@ -124,9 +127,9 @@ impl VitConfig {
 }
 
 /// Multi-head self-attention on tokens kept as a [N * T, dim] matrix: the projections
-/// are plain 2-D matmuls with a row bias, the softmax runs on [N * H * T, T] rows (2-D
-/// broadcasts only, see `norm`), and only the per-head reshuffles are 4-D. The fields
-/// carry the names of burn's `MultiHeadAttention`.
+/// are plain 2-D matmuls with a row bias, the heads one op over q, k and v as the
+/// projections give them ([`attention`]). The fields carry the names of burn's
+/// `MultiHeadAttention`.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     pub query: Linear<B>,
@@ -136,27 +139,14 @@ pub struct Attention<B: Backend> {
     pub heads: usize,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: KernelBackend> Attention<B> {
     /// x [n * t, dim] -> [n * t, dim].
     pub fn forward(&self, x: Tensor<B, 2>, n: usize, t: usize) -> Tensor<B, 2> {
         let [_, d] = x.dims();
-        let (h, dh) = (self.heads, d / self.heads);
-        let split = |m: Tensor<B, 2>| m.reshape([n, t, h, dh]).swap_dims(1, 2); // [n, h, t, dh]
-        let q = split(self.query.forward(x.clone()).mul_scalar(1.0 / (dh as f64).sqrt()));
-        let k = split(self.key.forward(x.clone()));
-        let v = split(self.value.forward(x));
-        let scores = q.matmul(k.swap_dims(2, 3)).reshape([n * h * t, t]);
-        let weights = softmax_rows(scores).reshape([n, h, t, t]);
-        let context = weights.matmul(v).swap_dims(1, 2).reshape([n * t, d]);
-        self.output.forward(context)
+        let scale = 1.0 / ((d / self.heads) as f64).sqrt();
+        let (q, k, v) = (linear::forward(&self.query, x.clone()), linear::forward(&self.key, x.clone()), linear::forward(&self.value, x));
+        linear::forward(&self.output, attention(q, k, v, Heads { n, t, heads: self.heads }, scale))
     }
-}
-
-/// Softmax of every row of a matrix (max-subtracted).
-fn softmax_rows<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let shifted = x.clone() - x.detach().max_dim(1);
-    let e = shifted.exp();
-    e.clone() / e.sum_dim(1)
 }
 
 #[derive(Module, Debug)]
@@ -168,12 +158,12 @@ pub struct Block<B: Backend> {
     pub fc2: Linear<B>,
 }
 
-impl<B: Backend> Block<B> {
+impl<B: KernelBackend> Block<B> {
     /// x [n * t, dim] -> [n * t, dim].
     fn forward(&self, x: Tensor<B, 2>, n: usize, t: usize) -> Tensor<B, 2> {
         let a = self.attn.forward(self.norm1.forward(x.clone()), n, t);
         let x = x + a;
-        let m = self.fc2.forward(gelu(self.fc1.forward(self.norm2.forward(x.clone()))));
+        let m = linear::forward(&self.fc2, gelu(linear::forward(&self.fc1, self.norm2.forward(x.clone()))));
         x + m
     }
 }
@@ -192,14 +182,14 @@ pub struct Vit<B: Backend> {
     pub pool: VitPool,
 }
 
-impl<B: Backend> Block<B> {
+impl<B: KernelBackend> Block<B> {
     /// Public entry for other token models (the MAE decoder): x [n * t, dim].
     pub fn forward_tokens(&self, x: Tensor<B, 2>, n: usize, t: usize) -> Tensor<B, 2> {
         self.forward(x, n, t)
     }
 }
 
-impl<B: Backend> Vit<B> {
+impl<B: KernelBackend> Vit<B> {
     /// [N, C, H, W] -> patch tokens with their position embeddings [N, P, dim] and the
     /// patch grid (h', w').
     pub fn patch_tokens(&self, x: Tensor<B, 4>) -> (Tensor<B, 3>, usize, usize) {

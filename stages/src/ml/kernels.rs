@@ -1,0 +1,270 @@
+//! [`KernelBackend`]: the ops fgflow implements itself instead of composing burn's, and
+//! the backends that have them. Each op has a default made of burn's own ops (what the
+//! GPU backends run), CPU kernels for flex and ndarray (`conv`, `norm`: parallel over
+//! images or channels, each output computed by one task in a fixed order, so results
+//! do not depend on the thread count), and one autodiff op whose backward calls the
+//! backend's gradient methods. Every kernel is tested against the default (values and
+//! gradients) in its module.
+
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::ops::{Backward, OpsKind};
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::FloatTensor;
+
+use super::{activation, attention, conv, linear, norm};
+
+/// A backend the models run on, with the ops fgflow implements itself: every method's
+/// default is burn's own ops (what GPU backends run); the CPU backends override them.
+pub trait KernelBackend: Backend {
+    /// x [N, C, H, W], weight [O, C, k, k] -> [N, O, H, W] (padding (k-1)/2).
+    fn conv_same(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        let k = conv::weight_kernel::<Self>(&weight);
+        Self::conv2d(x, weight, None, conv::options(k))
+    }
+
+    /// The gradient of `conv_same` with respect to its input.
+    fn conv_same_x_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        let k = conv::weight_kernel::<Self>(&weight);
+        Self::conv2d_x_backward(x, weight, grad, conv::options(k))
+    }
+
+    /// The gradient of `conv_same` with respect to its weight.
+    fn conv_same_weight_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        let k = conv::weight_kernel::<Self>(&weight);
+        Self::conv2d_weight_backward(x, weight, grad, conv::options(k))
+    }
+
+    /// Depthwise convolution without bias: x [N, C, H, W], weight [C, 1, k, k] ->
+    /// [N, C, oh, ow], zero padding `pad` = [top, bottom, left, right] (uneven allowed).
+    /// Default: burn's grouped conv2d on an explicitly padded input ([`conv::burn_depthwise`]).
+    fn depthwise(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad: [usize; 4]) -> FloatTensor<Self> {
+        conv::burn_depthwise::forward::<Self>(x, weight, stride, pad)
+    }
+
+    /// The gradient of `depthwise` with respect to its input.
+    fn depthwise_x_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad: [usize; 4]) -> FloatTensor<Self> {
+        conv::burn_depthwise::x_grad::<Self>(x, weight, grad, stride, pad)
+    }
+
+    /// The gradient of `depthwise` with respect to its weight.
+    fn depthwise_weight_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad: [usize; 4]) -> FloatTensor<Self> {
+        conv::burn_depthwise::weight_grad::<Self>(x, weight, grad, stride, pad)
+    }
+
+    /// Training-mode BatchNorm then ReLU over x [N, C, H, W] ([`norm::batch_norm_relu`]):
+    /// (y, batch mean [C], biased batch variance [C]).
+    fn batch_norm_relu(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> [FloatTensor<Self>; 3] {
+        norm::reference::forward::<Self>(x, gamma, beta, epsilon)
+    }
+
+    /// The gradients (x, gamma, beta) of `batch_norm_relu` from what it saved.
+    fn batch_norm_relu_backward(saved: norm::Saved<Self>, epsilon: f64, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
+        norm::reference::backward::<Self>(saved, epsilon, grad)
+    }
+
+    /// A fully connected layer over rows ([`linear::linear`]): x [rows, in] -> [rows, out].
+    fn dense(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, layout: linear::Layout) -> FloatTensor<Self> {
+        linear::reference::forward::<Self>(x, weight, bias, layout)
+    }
+
+    /// The gradients (x, weight in its layout, bias) of `dense`.
+    fn dense_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, layout: linear::Layout, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
+        linear::reference::backward::<Self>(x, weight, layout, grad)
+    }
+
+    /// GELU with erf ([`activation::gelu`]).
+    fn gelu_exact(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        activation::reference::forward::<Self>(x)
+    }
+
+    /// The gradient of `gelu_exact`: grad * (Phi(x) + x * phi(x)).
+    fn gelu_exact_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        activation::reference::backward::<Self>(x, grad)
+    }
+
+    /// Multi-head softmax attention over token rows ([`attention::attention`]): q, k, v
+    /// [n * t, d] -> (context [n * t, d], attention weights [n, heads, t, t]).
+    fn token_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, shape: attention::Heads, scale: f64) -> FloatTensor<Self> {
+        let [context, _] = Self::token_attention_weights(q, k, v, shape, scale);
+        context
+    }
+
+    /// `attention` with the weights its backward needs.
+    fn token_attention_weights(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, shape: attention::Heads, scale: f64) -> [FloatTensor<Self>; 2] {
+        attention::reference::forward::<Self>(q, k, v, shape, scale)
+    }
+
+    /// The gradients (q, k, v) of `attention` from what it saved.
+    fn token_attention_backward(saved: attention::Saved<Self>, shape: attention::Heads, scale: f64, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
+        attention::reference::backward::<Self>(saved, shape, scale, grad)
+    }
+
+    /// LayerNorm of every row of x [rows, dim] ([`norm::layer_norm`]): y.
+    fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
+        let [y, _, _] = Self::layer_norm_rows_stats(x, gamma, beta, epsilon);
+        y
+    }
+
+    /// `layer_norm` with what its backward needs: (y, row means, rows' 1 / std).
+    fn layer_norm_rows_stats(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> [FloatTensor<Self>; 3] {
+        norm::layer_reference::forward::<Self>(x, gamma, beta, epsilon)
+    }
+
+    /// The gradients (x, gamma, beta) of `layer_norm` from what it saved.
+    fn layer_norm_rows_backward(saved: norm::LayerSaved<Self>, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
+        norm::layer_reference::backward::<Self>(saved, grad)
+    }
+}
+
+/// An autodiff backend for training: it and its inner (inference) backend are
+/// [`KernelBackend`]s.
+pub trait TrainBackend: AutodiffBackend<InnerBackend: KernelBackend> + KernelBackend {}
+impl<T: AutodiffBackend<InnerBackend: KernelBackend> + KernelBackend> TrainBackend for T {}
+
+/// The CPU overrides, the same for every CPU backend.
+macro_rules! cpu_kernel_backend {
+    ($backend:ty) => {
+        impl KernelBackend for $backend {
+            fn conv_same(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+                conv::cpu_conv_same::<Self>(x, weight, false)
+            }
+            fn conv_same_x_grad(_x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+                conv::cpu_conv_same::<Self>(grad, weight, true)
+            }
+            fn conv_same_weight_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+                conv::cpu_weight_grad::<Self>(x, weight, grad)
+            }
+            fn depthwise(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad: [usize; 4]) -> FloatTensor<Self> {
+                conv::depthwise_cpu::forward::<Self>(x, weight, stride, pad)
+            }
+            fn depthwise_x_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad: [usize; 4]) -> FloatTensor<Self> {
+                conv::depthwise_cpu::x_grad::<Self>(x, weight, grad, stride, pad)
+            }
+            fn depthwise_weight_grad(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: usize, pad: [usize; 4]) -> FloatTensor<Self> {
+                conv::depthwise_cpu::weight_grad::<Self>(x, weight, grad, stride, pad)
+            }
+            fn batch_norm_relu(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> [FloatTensor<Self>; 3] {
+                norm::cpu::forward::<Self>(x, gamma, beta, epsilon)
+            }
+            fn batch_norm_relu_backward(saved: norm::Saved<Self>, epsilon: f64, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
+                norm::cpu::backward::<Self>(saved, epsilon, grad)
+            }
+            fn layer_norm_rows_stats(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> [FloatTensor<Self>; 3] {
+                norm::layer_cpu::forward::<Self>(x, gamma, beta, epsilon)
+            }
+            fn layer_norm_rows_backward(saved: norm::LayerSaved<Self>, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
+                norm::layer_cpu::backward::<Self>(saved, grad)
+            }
+            fn dense(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, layout: linear::Layout) -> FloatTensor<Self> {
+                linear::cpu::forward::<Self>(x, weight, bias, layout)
+            }
+            fn dense_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, layout: linear::Layout, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
+                linear::cpu::backward::<Self>(x, weight, layout, grad)
+            }
+            fn gelu_exact(x: FloatTensor<Self>) -> FloatTensor<Self> {
+                activation::cpu::forward::<Self>(x)
+            }
+            fn gelu_exact_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+                activation::cpu::backward::<Self>(x, grad)
+            }
+            fn token_attention_weights(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, shape: attention::Heads, scale: f64) -> [FloatTensor<Self>; 2] {
+                attention::cpu::forward::<Self>(q, k, v, shape, scale)
+            }
+            fn token_attention_backward(saved: attention::Saved<Self>, shape: attention::Heads, scale: f64, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
+                attention::cpu::backward::<Self>(saved, shape, scale, grad)
+            }
+        }
+    };
+}
+
+cpu_kernel_backend!(Flex);
+#[cfg(feature = "ndarray")]
+cpu_kernel_backend!(burn::backend::NdArray);
+
+#[cfg(feature = "wgpu")]
+impl KernelBackend for burn::backend::Wgpu {}
+
+#[cfg(feature = "cuda")]
+impl KernelBackend for burn::backend::Cuda {}
+
+impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
+    fn conv_same(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        match conv::ConvSameBackward.prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::conv_same(x.primitive.clone(), weight.primitive.clone());
+                prep.finish((x.primitive, weight.primitive), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::conv_same(x.primitive, weight.primitive)),
+        }
+    }
+
+    fn depthwise(x: FloatTensor<Self>, weight: FloatTensor<Self>, stride: usize, pad: [usize; 4]) -> FloatTensor<Self> {
+        match (conv::DepthwiseBackward { stride, pad }).prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::depthwise(x.primitive.clone(), weight.primitive.clone(), stride, pad);
+                prep.finish((x.primitive, weight.primitive), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::depthwise(x.primitive, weight.primitive, stride, pad)),
+        }
+    }
+
+    fn batch_norm_relu(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> [FloatTensor<Self>; 3] {
+        let [y, mean, var] = B::batch_norm_relu(x.primitive.clone(), gamma.primitive.clone(), beta.primitive.clone(), epsilon);
+        let y = match (norm::BatchNormReluBackward { epsilon }).prepare::<C>([x.node, gamma.node, beta.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((x.primitive, gamma.primitive, beta.primitive, mean.clone(), var.clone()), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        // The batch statistics feed the running estimates only: not differentiated.
+        [y, Self::from_inner(mean), Self::from_inner(var)]
+    }
+
+    fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
+        match norm::LayerNormBackward.prepare::<C>([x.node, gamma.node.clone(), beta.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let [y, mean, rstd] = B::layer_norm_rows_stats(x.primitive.clone(), gamma.primitive.clone(), beta.primitive, epsilon);
+                prep.finish((x.primitive, gamma.primitive, mean, rstd), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::layer_norm_rows(x.primitive, gamma.primitive, beta.primitive, epsilon)),
+        }
+    }
+
+    fn token_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, shape: attention::Heads, scale: f64) -> FloatTensor<Self> {
+        match (attention::AttentionBackward { shape, scale }).prepare::<C>([q.node, k.node, v.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let [context, weights] = B::token_attention_weights(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), shape, scale);
+                prep.finish((q.primitive, k.primitive, v.primitive, weights), context)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::token_attention(q.primitive, k.primitive, v.primitive, shape, scale)),
+        }
+    }
+
+    fn gelu_exact(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match activation::GeluBackward.prepare::<C>([x.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let y = B::gelu_exact(x.primitive.clone());
+                prep.finish(x.primitive, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::gelu_exact(x.primitive)),
+        }
+    }
+
+    fn dense(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, layout: linear::Layout) -> FloatTensor<Self> {
+        match bias {
+            Some(b) => match (linear::LinearBackward { layout }).prepare::<C>([x.node, weight.node, b.node]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let y = B::dense(x.primitive.clone(), weight.primitive.clone(), Some(b.primitive), layout);
+                    prep.finish((x.primitive, weight.primitive), y)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(B::dense(x.primitive, weight.primitive, Some(b.primitive), layout)),
+            },
+            None => match (linear::LinearNoBiasBackward { layout }).prepare::<C>([x.node, weight.node]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let y = B::dense(x.primitive.clone(), weight.primitive.clone(), None, layout);
+                    prep.finish((x.primitive, weight.primitive), y)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(B::dense(x.primitive, weight.primitive, None, layout)),
+            },
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! A fully connected layer over rows as one op: y [rows, out] = x [rows, in] W + b, the
+//! weight in burn's layout ([in, out], `burn::nn::Linear`) or torch's ([out, in],
+//! Swin-V2's `TLinear`), see [`Layout`].
+//!
+//! Why one op: burn's linear on flex is a matmul whose set-up runs on the calling thread,
+//! then a broadcast bias add and, backward, a bias reduction, all on that thread (a
+//! third of its time in the ViT's step after attention and GELU were fused, perf). On
+//! the CPU backends ([`cpu`]) rows go in fixed chunks, one task and one gemm per chunk;
+//! the weight and bias gradients are per-chunk partial sums added in chunk order, so
+//! no result depends on the thread count.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops};
+use burn::module::Param;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+use super::kernels::KernelBackend;
+
+/// How the weight matrix is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// [in, out] (burn's `Linear`).
+    InOut,
+    /// [out, in] (torch's `nn.Linear`).
+    OutIn,
+}
+
+/// x [rows, in] -> [rows, out].
+pub fn linear<B: KernelBackend>(x: Tensor<B, 2>, weight: &Param<Tensor<B, 2>>, bias: Option<&Param<Tensor<B, 1>>>, layout: Layout) -> Tensor<B, 2> {
+    let [_, inputs] = x.dims();
+    let [a, b] = weight.dims();
+    let (w_in, w_out) = if layout == Layout::InOut { (a, b) } else { (b, a) };
+    assert!(inputs == w_in && bias.is_none_or(|b| b.dims() == [w_out]), "linear: the weight does not fit the input");
+    let y = B::dense(x.into_primitive().tensor(), weight.val().into_primitive().tensor(), bias.map(|b| b.val().into_primitive().tensor()), layout);
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// `linear` through a `burn::nn::Linear` (weight [in, out]).
+pub fn forward<B: KernelBackend>(layer: &burn::nn::Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    linear(x, &layer.weight, layer.bias.as_ref(), Layout::InOut)
+}
+
+#[derive(Debug)]
+pub(crate) struct LinearBackward {
+    pub(crate) layout: Layout,
+}
+
+impl<B: KernelBackend> Backward<B, 3> for LinearBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, w) = ops.state;
+        let [node_x, node_w, node_b] = ops.parents;
+        let [dx, dw, db] = B::dense_backward(x, w, self.layout, grad);
+        for (node, g) in [(node_x, dx), (node_w, dw), (node_b, db)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct LinearNoBiasBackward {
+    pub(crate) layout: Layout,
+}
+
+impl<B: KernelBackend> Backward<B, 2> for LinearNoBiasBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, w) = ops.state;
+        let [node_x, node_w] = ops.parents;
+        let [dx, dw, _] = B::dense_backward(x, w, self.layout, grad);
+        for (node, g) in [(node_x, dx), (node_w, dw)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+/// The op in burn's own ops (GPU backends, and the tests' reference).
+pub mod reference {
+    use super::*;
+
+    fn t<B: Backend, const D: usize>(p: FloatTensor<B>) -> Tensor<B, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(p))
+    }
+
+    /// The weight as [in, out].
+    fn in_out<B: Backend>(w: FloatTensor<B>, layout: Layout) -> Tensor<B, 2> {
+        let w: Tensor<B, 2> = t(w);
+        if layout == Layout::InOut { w } else { w.transpose() }
+    }
+
+    pub fn forward<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, b: Option<FloatTensor<B>>, layout: Layout) -> FloatTensor<B> {
+        let y = t::<B, 2>(x).matmul(in_out(w, layout));
+        let y = match b {
+            Some(b) => y + t::<B, 1>(b).unsqueeze_dim(0),
+            None => y,
+        };
+        y.into_primitive().tensor()
+    }
+
+    /// (dx, dw in the weight's layout, db).
+    pub fn backward<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, layout: Layout, grad: FloatTensor<B>) -> [FloatTensor<B>; 3] {
+        let dy: Tensor<B, 2> = t(grad);
+        let x: Tensor<B, 2> = t(x);
+        let dx = dy.clone().matmul(in_out(w, layout).transpose());
+        let dw = x.transpose().matmul(dy.clone());
+        let dw = if layout == Layout::InOut { dw } else { dw.transpose() };
+        let [_, out] = dy.dims();
+        let db = dy.sum_dim(0).reshape([out]);
+        [dx.into_primitive().tensor(), dw.into_primitive().tensor(), db.into_primitive().tensor()]
+    }
+}
+
+/// The op on the CPU backends.
+pub mod cpu {
+    use super::*;
+    use crate::ml::cpu::{CpuTensors, View, mm};
+    use burn::tensor::TensorMetadata;
+    use rayon::prelude::*;
+
+    /// Rows per task, and per partial sum of the weight and bias gradients.
+    const ROWS_PER_CHUNK: usize = 128;
+
+    /// The weight as the [in, out] right-hand side of a product.
+    fn weight_view(layout: Layout, inputs: usize, outputs: usize) -> View {
+        match layout {
+            Layout::InOut => View { offset: 0, rs: outputs, cs: 1 },
+            Layout::OutIn => View { offset: 0, rs: 1, cs: inputs },
+        }
+    }
+
+    fn sizes<B: Backend>(x: &FloatTensor<B>, w: &FloatTensor<B>, layout: Layout) -> (usize, usize, usize) {
+        let [rows, inputs] = x.shape().dims::<2>();
+        let [a, b] = w.shape().dims::<2>();
+        (rows, inputs, if layout == Layout::InOut { b } else { a })
+    }
+
+    pub fn forward<B: CpuTensors>(x: FloatTensor<B>, w: FloatTensor<B>, b: Option<FloatTensor<B>>, layout: Layout) -> FloatTensor<B> {
+        let (rows, inputs, outputs) = sizes::<B>(&x, &w, layout);
+        let bias = b.map(|b| B::with_f32(&b, |s| s.to_vec()));
+        let mut y = vec![0f32; rows * outputs];
+        if outputs > 0 {
+            B::with_f32(&x, |xs| {
+                B::with_f32(&w, |ws| {
+                    y.par_chunks_mut(ROWS_PER_CHUNK * outputs).enumerate().for_each(|(chunk, ys)| {
+                        let r = ys.len() / outputs;
+                        if let Some(bias) = &bias {
+                            for row in ys.chunks_mut(outputs) {
+                                row.copy_from_slice(bias);
+                            }
+                        }
+                        let lhs = View { offset: chunk * ROWS_PER_CHUNK * inputs, rs: inputs, cs: 1 };
+                        let dst = View { offset: 0, rs: outputs, cs: 1 };
+                        mm(ys, dst, xs, lhs, ws, weight_view(layout, inputs, outputs), r, outputs, inputs, 1.0, bias.is_some());
+                    });
+                })
+            });
+        }
+        B::from_f32(y, &[rows, outputs], &x)
+    }
+
+    pub fn backward<B: CpuTensors>(x: FloatTensor<B>, w: FloatTensor<B>, layout: Layout, grad: FloatTensor<B>) -> [FloatTensor<B>; 3] {
+        let (rows, inputs, outputs) = sizes::<B>(&x, &w, layout);
+        let mut dx = vec![0f32; rows * inputs];
+        // The weight gradient is computed as [in, out], then laid out as the weight.
+        let (mut dw, mut db) = (vec![0f32; inputs * outputs], vec![0f32; outputs]);
+        if inputs > 0 && outputs > 0 {
+            B::with_f32(&x, |xs| {
+                B::with_f32(&w, |ws| {
+                    B::with_f32(&grad, |gs| {
+                        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+                            .par_chunks_mut(ROWS_PER_CHUNK * inputs)
+                            .enumerate()
+                            .map(|(chunk, dxs)| {
+                                let r = dxs.len() / inputs;
+                                let first = chunk * ROWS_PER_CHUNK;
+                                let dy = View { offset: first * outputs, rs: outputs, cs: 1 };
+                                // dx = dy W^T.
+                                let wv = weight_view(layout, inputs, outputs);
+                                let w_t = View { offset: 0, rs: wv.cs, cs: wv.rs };
+                                mm(dxs, View { offset: 0, rs: inputs, cs: 1 }, gs, dy, ws, w_t, r, inputs, outputs, 1.0, false);
+                                // dW += x^T dy; db += the column sums of dy.
+                                let mut pw = vec![0f32; inputs * outputs];
+                                let x_t = View { offset: first * inputs, rs: 1, cs: inputs };
+                                mm(&mut pw, View { offset: 0, rs: outputs, cs: 1 }, xs, x_t, gs, dy, inputs, outputs, r, 1.0, false);
+                                let mut pb = vec![0f32; outputs];
+                                for row in gs[first * outputs..(first + r) * outputs].chunks(outputs) {
+                                    for (s, g) in pb.iter_mut().zip(row) {
+                                        *s += g;
+                                    }
+                                }
+                                (pw, pb)
+                            })
+                            .collect();
+                        for (pw, pb) in partials {
+                            for (s, v) in dw.iter_mut().zip(pw) {
+                                *s += v;
+                            }
+                            for (s, v) in db.iter_mut().zip(pb) {
+                                *s += v;
+                            }
+                        }
+                    })
+                })
+            });
+        }
+        if layout == Layout::OutIn {
+            let mut t = vec![0f32; dw.len()];
+            for i in 0..inputs {
+                for o in 0..outputs {
+                    t[o * inputs + i] = dw[i * outputs + o];
+                }
+            }
+            dw = t;
+        }
+        let w_shape = if layout == Layout::InOut { [inputs, outputs] } else { [outputs, inputs] };
+        [B::from_f32(dx, &[rows, inputs], &x), B::from_f32(dw, &w_shape, &w), B::from_f32(db, &[outputs], &w)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use burn::module::ParamId;
+    use burn::tensor::Distribution;
+
+    type AD = Autodiff<Flex>;
+
+    /// Values and the three gradients equal burn's matmul + bias through autodiff, in
+    /// both layouts, with and without bias, rows not a multiple of the chunk; and the
+    /// CPU kernels give the same bits with 1 and 3 threads.
+    #[test]
+    fn matches_burns_ops_in_both_layouts_and_any_thread_count() {
+        let d = Default::default();
+        Flex::seed(&d, 5);
+        let (rows, inputs, outputs) = (300, 7, 5);
+        let xd = Tensor::<Flex, 2>::random([rows, inputs], Distribution::Normal(0.0, 1.0), &d).into_data();
+        let gd = Tensor::<Flex, 2>::random([rows, outputs], Distribution::Normal(0.0, 1.0), &d).into_data();
+        let bd = Tensor::<Flex, 1>::random([outputs], Distribution::Normal(0.0, 1.0), &d).into_data();
+        for layout in [Layout::InOut, Layout::OutIn] {
+            let shape = if layout == Layout::InOut { [inputs, outputs] } else { [outputs, inputs] };
+            let wd = Tensor::<Flex, 2>::random(shape, Distribution::Normal(0.0, 1.0), &d).into_data();
+            for with_bias in [true, false] {
+                let run = |fused: bool| {
+                    let x = Tensor::<AD, 2>::from_data(xd.clone(), &d).require_grad();
+                    let w = Param::initialized(ParamId::new(), Tensor::<AD, 2>::from_data(wd.clone(), &d).require_grad());
+                    let b = Param::initialized(ParamId::new(), Tensor::<AD, 1>::from_data(bd.clone(), &d).require_grad());
+                    let bias = with_bias.then_some(&b);
+                    let y = if fused {
+                        linear(x.clone(), &w, bias, layout)
+                    } else {
+                        let prim = reference::forward::<AD>(x.clone().into_primitive().tensor(), w.val().into_primitive().tensor(), bias.map(|b| b.val().into_primitive().tensor()), layout);
+                        Tensor::from_primitive(TensorPrimitive::Float(prim))
+                    };
+                    let g = (y.clone() * Tensor::<AD, 2>::from_data(gd.clone(), &d)).sum().backward();
+                    let mut out = vec![y.inner().into_data().to_vec::<f32>().unwrap(), x.grad(&g).unwrap().into_data().to_vec::<f32>().unwrap(), w.val().grad(&g).unwrap().into_data().to_vec::<f32>().unwrap()];
+                    if with_bias {
+                        out.push(b.val().grad(&g).unwrap().into_data().to_vec::<f32>().unwrap());
+                    }
+                    out
+                };
+                for (a, b) in run(true).iter().zip(run(false)) {
+                    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / (1.0 + y.abs())).fold(0f32, f32::max);
+                    assert!(worst < 1e-4, "{layout:?} bias {with_bias}: max difference {worst}");
+                }
+            }
+            let prim = |data: &burn::tensor::TensorData| Tensor::<Flex, 2>::from_data(data.clone(), &d).into_primitive().tensor();
+            let bits = |threads: usize| {
+                rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
+                    let y = cpu::forward::<Flex>(prim(&xd), prim(&wd), Some(Tensor::<Flex, 1>::from_data(bd.clone(), &d).into_primitive().tensor()), layout);
+                    let grads = cpu::backward::<Flex>(prim(&xd), prim(&wd), layout, prim(&gd));
+                    std::iter::once(y).chain(grads).map(|t| Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(t)).into_data().to_vec::<f32>().unwrap()).collect::<Vec<_>>()
+                })
+            };
+            assert_eq!(bits(1), bits(3));
+        }
+    }
+}
