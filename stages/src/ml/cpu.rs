@@ -67,6 +67,19 @@ pub struct View {
 /// are checked against the slices, so a wrong stride is a panic, not a stray write.
 #[allow(clippy::too_many_arguments)]
 pub fn mm(dst: &mut [f32], d: View, lhs: &[f32], l: View, rhs: &[f32], r: View, m: usize, n: usize, k: usize, beta: f32, accumulate: bool) {
+    mm_with(dst, d, lhs, l, rhs, r, [m, n, k], beta, accumulate, gemm::Parallelism::None);
+}
+
+/// `mm` on every thread of the pool. gemm splits the work over output blocks only; the
+/// depth is cut into blocks whose size depends on the shapes, never on the thread
+/// count, and summed in order, so the result does not depend on the thread count.
+#[allow(clippy::too_many_arguments)]
+pub fn mm_parallel(dst: &mut [f32], d: View, lhs: &[f32], l: View, rhs: &[f32], r: View, m: usize, n: usize, k: usize, beta: f32, accumulate: bool) {
+    mm_with(dst, d, lhs, l, rhs, r, [m, n, k], beta, accumulate, gemm::Parallelism::Rayon(0));
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mm_with(dst: &mut [f32], d: View, lhs: &[f32], l: View, rhs: &[f32], r: View, [m, n, k]: [usize; 3], beta: f32, accumulate: bool, parallelism: gemm::Parallelism) {
     if m == 0 || n == 0 {
         return;
     }
@@ -106,7 +119,7 @@ pub fn mm(dst: &mut [f32], d: View, lhs: &[f32], l: View, rhs: &[f32], r: View, 
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
 }

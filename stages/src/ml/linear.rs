@@ -6,8 +6,8 @@
 //! then a broadcast bias add and, backward, a bias reduction, all on that thread (a
 //! third of its time in the ViT's step after attention and GELU were fused, perf). On
 //! the CPU backends ([`cpu`]) rows go in fixed chunks, one task and one gemm per chunk;
-//! the weight and bias gradients are per-chunk partial sums added in chunk order, so
-//! no result depends on the thread count.
+//! the weight gradient is one product over all rows on every thread and the bias
+//! gradient one sum per column in row order, so no result depends on the thread count.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::grads::Gradients;
@@ -124,12 +124,14 @@ pub mod reference {
 /// The op on the CPU backends.
 pub mod cpu {
     use super::*;
-    use crate::ml::cpu::{CpuTensors, View, mm};
+    use crate::ml::cpu::{CpuTensors, View, mm, mm_parallel};
     use burn::tensor::TensorMetadata;
     use rayon::prelude::*;
 
-    /// Rows per task, and per partial sum of the weight and bias gradients.
+    /// Rows per task.
     const ROWS_PER_CHUNK: usize = 128;
+    /// Bias-gradient columns per task.
+    const COLUMNS_PER_TASK: usize = 64;
 
     /// The weight as the [in, out] right-hand side of a product.
     fn weight_view(layout: Layout, inputs: usize, outputs: usize) -> View {
@@ -174,42 +176,32 @@ pub mod cpu {
         let mut dx = vec![0f32; rows * inputs];
         // The weight gradient is computed as [in, out], then laid out as the weight.
         let (mut dw, mut db) = (vec![0f32; inputs * outputs], vec![0f32; outputs]);
-        if inputs > 0 && outputs > 0 {
+        if inputs > 0 && outputs > 0 && rows > 0 {
             B::with_f32(&x, |xs| {
                 B::with_f32(&w, |ws| {
                     B::with_f32(&grad, |gs| {
-                        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
-                            .par_chunks_mut(ROWS_PER_CHUNK * inputs)
-                            .enumerate()
-                            .map(|(chunk, dxs)| {
-                                let r = dxs.len() / inputs;
-                                let first = chunk * ROWS_PER_CHUNK;
-                                let dy = View { offset: first * outputs, rs: outputs, cs: 1 };
-                                // dx = dy W^T.
-                                let wv = weight_view(layout, inputs, outputs);
-                                let w_t = View { offset: 0, rs: wv.cs, cs: wv.rs };
-                                mm(dxs, View { offset: 0, rs: inputs, cs: 1 }, gs, dy, ws, w_t, r, inputs, outputs, 1.0, false);
-                                // dW += x^T dy; db += the column sums of dy.
-                                let mut pw = vec![0f32; inputs * outputs];
-                                let x_t = View { offset: first * inputs, rs: 1, cs: inputs };
-                                mm(&mut pw, View { offset: 0, rs: outputs, cs: 1 }, xs, x_t, gs, dy, inputs, outputs, r, 1.0, false);
-                                let mut pb = vec![0f32; outputs];
-                                for row in gs[first * outputs..(first + r) * outputs].chunks(outputs) {
-                                    for (s, g) in pb.iter_mut().zip(row) {
-                                        *s += g;
-                                    }
+                        // dx = dy W^T, chunks of rows in parallel.
+                        let wv = weight_view(layout, inputs, outputs);
+                        let w_t = View { offset: 0, rs: wv.cs, cs: wv.rs };
+                        dx.par_chunks_mut(ROWS_PER_CHUNK * inputs).enumerate().for_each(|(chunk, dxs)| {
+                            let r = dxs.len() / inputs;
+                            let dy = View { offset: chunk * ROWS_PER_CHUNK * outputs, rs: outputs, cs: 1 };
+                            mm(dxs, View { offset: 0, rs: inputs, cs: 1 }, gs, dy, ws, w_t, r, inputs, outputs, 1.0, false);
+                        });
+                        // dW = x^T dy over all rows at once: one product whose depth is
+                        // the rows (see `mm_parallel` for why that is thread-count free).
+                        let x_t = View { offset: 0, rs: 1, cs: inputs };
+                        let dy = View { offset: 0, rs: outputs, cs: 1 };
+                        mm_parallel(&mut dw, View { offset: 0, rs: outputs, cs: 1 }, xs, x_t, gs, dy, inputs, outputs, rows, 1.0, false);
+                        // db: each column's sum over the rows in order, columns in parallel.
+                        db.par_chunks_mut(COLUMNS_PER_TASK).enumerate().for_each(|(block, sums)| {
+                            let first = block * COLUMNS_PER_TASK;
+                            for row in gs.chunks(outputs) {
+                                for (s, g) in sums.iter_mut().zip(&row[first..]) {
+                                    *s += g;
                                 }
-                                (pw, pb)
-                            })
-                            .collect();
-                        for (pw, pb) in partials {
-                            for (s, v) in dw.iter_mut().zip(pw) {
-                                *s += v;
                             }
-                            for (s, v) in db.iter_mut().zip(pb) {
-                                *s += v;
-                            }
-                        }
+                        });
                     })
                 })
             });
