@@ -58,6 +58,12 @@ pub trait KernelBackend: Backend {
         norm::reference::forward::<Self>(x, gamma, beta, epsilon)
     }
 
+    /// max(0, x * scale + shift) per channel of x [N, C, H, W]: BatchNorm + ReLU in
+    /// inference, the running statistics folded into `scale` and `shift` [C].
+    fn scale_shift_relu(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>) -> FloatTensor<Self> {
+        norm::reference::scale_shift_relu::<Self>(x, scale, shift)
+    }
+
     /// The gradients (x, gamma, beta) of `batch_norm_relu` from what it saved.
     fn batch_norm_relu_backward(saved: norm::Saved<Self>, epsilon: f64, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
         norm::reference::backward::<Self>(saved, epsilon, grad)
@@ -149,6 +155,9 @@ macro_rules! cpu_kernel_backend {
             }
             fn batch_norm_relu_backward(saved: norm::Saved<Self>, epsilon: f64, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
                 norm::cpu::backward::<Self>(saved, epsilon, grad)
+            }
+            fn scale_shift_relu(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>) -> FloatTensor<Self> {
+                norm::cpu::scale_shift_relu::<Self>(x, scale, shift)
             }
             fn layer_norm_rows_stats(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> [FloatTensor<Self>; 3] {
                 norm::layer_cpu::forward::<Self>(x, gamma, beta, epsilon)

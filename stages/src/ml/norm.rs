@@ -77,7 +77,11 @@ impl<B: KernelBackend> BatchNorm2d<B> {
     /// `relu(self.forward(x))`; in training one fused op ([`batch_norm_relu`]).
     pub fn forward_relu(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         if !B::ad_enabled(&x.device()) {
-            return relu(self.forward(x));
+            // Inference: the running statistics folded into one scale and shift per channel.
+            let scale = self.running_var.value().add_scalar(self.epsilon).sqrt().recip() * self.gamma.val();
+            let shift = self.beta.val() - self.running_mean.value() * scale.clone();
+            let y = B::scale_shift_relu(x.into_primitive().tensor(), scale.into_primitive().tensor(), shift.into_primitive().tensor());
+            return Tensor::from_primitive(TensorPrimitive::Float(y));
         }
         let (y, mean, var) = batch_norm_relu(x, self.gamma.val(), self.beta.val(), self.epsilon);
         let m = self.momentum;
@@ -158,6 +162,14 @@ pub mod reference {
         [y.into_primitive().tensor(), mean.into_primitive().tensor(), var.into_primitive().tensor()]
     }
 
+    /// max(0, x * scale + shift) per channel of x [N, C, H, W] (inference).
+    pub fn scale_shift_relu<B: Backend>(x: FloatTensor<B>, scale: FloatTensor<B>, shift: FloatTensor<B>) -> FloatTensor<B> {
+        let x: Tensor<B, 4> = t(x);
+        let [n, c, h, w] = x.dims();
+        let rows = x.reshape([n * c, h * w]);
+        relu(rows * column(t(scale), n, c) + column(t(shift), n, c)).reshape([n, c, h, w]).into_primitive().tensor()
+    }
+
     pub fn backward<B: Backend>(saved: Saved<B>, epsilon: f64, grad: FloatTensor<B>) -> [FloatTensor<B>; 3] {
         let (x, gamma, beta, mean, var) = saved;
         let x: Tensor<B, 4> = t(x);
@@ -234,6 +246,27 @@ pub mod cpu {
         (scale, shift, rstd)
     }
 
+    /// max(0, x * scale + shift) with the per-channel scale and shift, planes in parallel.
+    fn apply(xs: &[f32], scale: &[f32], shift: &[f32], c: usize, hw: usize) -> Vec<f32> {
+        let mut y = vec![0f32; xs.len()];
+        if hw > 0 {
+            y.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
+                let (s, t) = (scale[plane % c], shift[plane % c]);
+                for (o, v) in out.iter_mut().zip(&xs[plane * hw..][..hw]) {
+                    *o = (v * s + t).max(0.0);
+                }
+            });
+        }
+        y
+    }
+
+    pub fn scale_shift_relu<B: CpuTensors>(x: FloatTensor<B>, scale: FloatTensor<B>, shift: FloatTensor<B>) -> FloatTensor<B> {
+        let [n, c, h, w] = dims::<B>(&x);
+        let (scale, shift) = (B::with_f32(&scale, |s| s.to_vec()), B::with_f32(&shift, |s| s.to_vec()));
+        let y = B::with_f32(&x, |xs| apply(xs, &scale, &shift, c, h * w));
+        B::from_f32(y, &[n, c, h, w], &x)
+    }
+
     pub fn forward<B: CpuTensors>(x: FloatTensor<B>, gamma: FloatTensor<B>, beta: FloatTensor<B>, epsilon: f64) -> [FloatTensor<B>; 3] {
         let [n, c, h, w] = dims::<B>(&x);
         let hw = h * w;
@@ -247,16 +280,7 @@ pub mod cpu {
             let mean: Vec<f32> = stats.iter().map(|(s, _)| (s / count) as f32).collect();
             let var: Vec<f32> = stats.iter().map(|(s, q)| (q / count - (s / count) * (s / count)).max(0.0) as f32).collect();
             let (scale, shift, _) = affine(&gamma_v, &beta_v, &mean, &var, epsilon);
-            let mut y = vec![0f32; xs.len()];
-            if hw > 0 {
-                y.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
-                    let (s, t) = (scale[plane % c], shift[plane % c]);
-                    for (o, v) in out.iter_mut().zip(&xs[plane * hw..][..hw]) {
-                        *o = (v * s + t).max(0.0);
-                    }
-                });
-            }
-            (y, mean, var)
+            (apply(xs, &scale, &shift, c, hw), mean, var)
         });
         [B::from_f32(y, &[n, c, h, w], &x), B::from_f32(mean, &[c], &gamma), B::from_f32(var, &[c], &gamma)]
     }
@@ -586,6 +610,18 @@ mod tests {
             close(a.4, b.4);
             close(a.5, b.5);
         }
+    }
+
+    /// In inference (running statistics) the fused path equals BatchNorm2d then relu.
+    #[test]
+    fn fused_inference_matches_the_composed_ops() {
+        let d = Default::default();
+        Flex::seed(&d, 9);
+        let trained = BatchNorm2d::<AD>::new(3, &d);
+        let _ = trained.forward_relu(Tensor::<AD, 4>::random([4, 3, 5, 5], Distribution::Normal(1.0, 2.0), &d));
+        let bn = trained.valid();
+        let x = Tensor::<Flex, 4>::random([2, 3, 6, 7], Distribution::Normal(0.5, 2.0), &d);
+        close(bn.forward_relu(x.clone()), relu(bn.forward(x)));
     }
 
     /// The CPU kernels and the burn-ops reference agree, and the kernels give the same
