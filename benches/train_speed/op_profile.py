@@ -40,17 +40,18 @@ from bench import torch_python  # noqa: E402
 
 # (family, pattern over fgflow's frame symbols, pattern over PyTorch's aten op names)
 FAMILIES = [
-    ("conv input gradient", r"conv_transpose|conv2d_x_backward|depthwise_cpu::x_grad", None),
-    ("conv weight gradient", r"ml::conv::weight_grad_f32|ml::conv::cpu_weight_grad|ml::conv::im2col|depthwise_cpu::weight_grad", None),
+    # The weight gradient first: both gradients run under ConvSameBackward.
+    ("conv weight gradient", r"ml::conv::weight_grad_f32|ml::conv::cpu_weight_grad|conv_same_weight_grad|depthwise_cpu::weight_grad", None),
+    ("conv input gradient", r"conv_transpose|conv2d_x_backward|conv_same_x_grad|ConvSameBackward|depthwise_cpu::x_grad", None),
     ("conv backward (both gradients)", None, r"convolution_backward"),
     ("conv forward", r"ops::conv::conv[23]d|depthwise_cpu::forward|conv_same", r"convolution|mkldnn_conv|conv2d"),
-    ("matmul (linear, attention)", r"ops::matmul|gemm", r"^aten::(addmm|mm|bmm|matmul|linear|baddbmm|_scaled_dot|scaled_dot)"),
+    ("matmul (linear, attention)", r"ops::matmul|ml::linear::|ml::attention::|gemm", r"^aten::(addmm|mm|bmm|matmul|linear|baddbmm|_scaled_dot|scaled_dot)"),
     ("pooling", r"pool", r"pool"),
-    ("batch/layer norm", None, r"batch_norm|layer_norm"),
+    ("batch/layer norm", r"ml::norm::(cpu|layer_cpu)", r"batch_norm|layer_norm"),
     ("softmax, loss, reductions", r"reduce|softmax|sum_dim|mean_dim|argmax|max_dim|cross_entropy", r"softmax|nll_loss|cross_entropy|sum|mean|max(?!_pool)|argmax"),
     ("optimiser (AdamW)", r"ml::optim::", r"_foreach|adamw|lerp|addcdiv|addcmul"),
     ("elementwise", r"binary_op|unary_op|scalar_op|activation|ops::mask|clamp|float_exp|float_sqrt|float_powi|gelu|relu", r"^aten::(add|mul|sub|div|relu|threshold|gelu|neg|exp|sqrt|pow|where|clamp|fill_|zero_|rsub|masked)"),
-    ("data (augment, batch to tensor)", r"ml::augment|ml::data::|randaugment", None),
+    ("data (augment, batch to tensor)", r"ml::augment|ml::data::|ml::loader|randaugment", None),
     ("memory (alloc, zero, copy, layout)", r"memset|memmove|memcpy|malloc|_int_free|cfree|page_fault|FlexTensor::empty|filled_typed|into_contiguous|strided_index|ops::cat|permute|reshape|copy",
      r"copy_|contiguous|clone|empty|cat|view|reshape|transpose|permute|flatten|expand|as_strided|::to$|_to_copy|stack|index|select|slice|unsqueeze|::t$|detach|resolve"),
     ("threads idle or waiting", r"rayon|crossbeam|sched_yield|futex|std::thread|__GI___sched", None),
