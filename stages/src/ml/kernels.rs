@@ -1,10 +1,16 @@
 //! [`KernelBackend`]: the ops fgflow implements itself instead of composing burn's, and
 //! the backends that have them. Each op has a default made of burn's own ops (what the
-//! GPU backends run), CPU kernels for flex and ndarray (`conv`, `norm`: parallel over
-//! images or channels, each output computed by one task in a fixed order, so results
-//! do not depend on the thread count), and one autodiff op whose backward calls the
-//! backend's gradient methods. Every kernel is tested against the default (values and
-//! gradients) in its module.
+//! GPU backends run), CPU kernels for flex and ndarray (in `conv`, `norm`, `attention`,
+//! `activation`, `linear`: parallel over images, channels, planes or fixed chunks of
+//! rows, each output computed by one task in a fixed order, so results do not depend on
+//! the thread count), and one autodiff op whose backward calls the backend's gradient
+//! methods. Every kernel is tested against the default (values and gradients) and for
+//! thread-count independence in its module.
+//!
+//! Why: flex runs its element-wise ops on the calling thread and lays some kernels out
+//! on it (im2col, transposed convolution), so a training step composed of burn's ops
+//! kept one of two cores waiting for half of its time (perf); see the README's
+//! "Training speed" for what each op bought.
 
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::ops::{Backward, OpsKind};
