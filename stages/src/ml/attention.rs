@@ -20,7 +20,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use super::kernels::KernelBackend;
+use super::kernels::{KernelBackend, register_grads};
 
 /// The shape of one attention call: `n` images of `t` tokens, `heads` heads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,11 +57,7 @@ impl<B: KernelBackend> Backward<B, 3> for AttentionBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
         let [dq, dk, dv] = B::token_attention_backward(ops.state, self.shape, self.scale, grad);
-        for (node, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        register_grads::<B, 3>(grads, ops.parents.map(|p| p.map(|n| n.id)), [dq, dk, dv]);
     }
 }
 

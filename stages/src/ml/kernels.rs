@@ -13,12 +13,24 @@
 //! "Training speed" for what each op bought.
 
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::ops::{Backward, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 
 use super::{activation, attention, conv, linear, norm};
+
+/// Registers each gradient for its parent (`ops.parents`' ids), where that parent is
+/// tracked: what every kernel's backward ends with.
+pub(crate) fn register_grads<B: Backend, const N: usize>(grads: &mut Gradients, parents: [Option<NodeId>; N], values: [FloatTensor<B>; N]) {
+    for (node, g) in parents.into_iter().zip(values) {
+        if let Some(id) = node {
+            grads.register::<B>(id, g);
+        }
+    }
+}
 
 /// A backend the models run on, with the ops fgflow implements itself: every method's
 /// default is burn's own ops (what GPU backends run); the CPU backends override them.

@@ -17,7 +17,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use super::kernels::KernelBackend;
+use super::kernels::{KernelBackend, register_grads};
 
 /// How the weight matrix is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,13 +54,7 @@ impl<B: KernelBackend> Backward<B, 3> for LinearBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
         let (x, w) = ops.state;
-        let [node_x, node_w, node_b] = ops.parents;
-        let [dx, dw, db] = B::dense_backward(x, w, self.layout, grad);
-        for (node, g) in [(node_x, dx), (node_w, dw), (node_b, db)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        register_grads::<B, 3>(grads, ops.parents.map(|p| p.map(|n| n.id)), B::dense_backward(x, w, self.layout, grad));
     }
 }
 
@@ -75,13 +69,8 @@ impl<B: KernelBackend> Backward<B, 2> for LinearNoBiasBackward {
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
         let (x, w) = ops.state;
-        let [node_x, node_w] = ops.parents;
         let [dx, dw, _] = B::dense_backward(x, w, self.layout, grad);
-        for (node, g) in [(node_x, dx), (node_w, dw)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        register_grads::<B, 2>(grads, ops.parents.map(|p| p.map(|n| n.id)), [dx, dw]);
     }
 }
 

@@ -20,7 +20,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive};
 
-use super::kernels::KernelBackend;
+use super::kernels::{KernelBackend, register_grads};
 
 #[derive(Module, Debug)]
 pub struct BatchNorm2d<B: Backend> {
@@ -125,11 +125,7 @@ impl<B: KernelBackend> Backward<B, 3> for BatchNormReluBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
         let [dx, dgamma, dbeta] = B::batch_norm_relu_backward(ops.state, self.epsilon, grad);
-        for (node, g) in ops.parents.into_iter().zip([dx, dgamma, dbeta]) {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        register_grads::<B, 3>(grads, ops.parents.map(|p| p.map(|n| n.id)), [dx, dgamma, dbeta]);
     }
 }
 
@@ -378,11 +374,7 @@ impl<B: KernelBackend> Backward<B, 3> for LayerNormBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
         let [dx, dgamma, dbeta] = B::layer_norm_rows_backward(ops.state, grad);
-        for (node, g) in ops.parents.into_iter().zip([dx, dgamma, dbeta]) {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        register_grads::<B, 3>(grads, ops.parents.map(|p| p.map(|n| n.id)), [dx, dgamma, dbeta]);
     }
 }
 
