@@ -60,7 +60,7 @@ pub mod reference {
 /// The op on the CPU backends.
 pub mod cpu {
     use super::*;
-    use crate::ml::cpu::CpuTensors;
+    use crate::ml::cpu::{CpuTensors, zeros};
     use burn::tensor::TensorMetadata;
     use rayon::prelude::*;
 
@@ -78,7 +78,7 @@ pub mod cpu {
     pub fn forward<B: CpuTensors>(x: FloatTensor<B>) -> FloatTensor<B> {
         let shape = x.shape().to_vec();
         let y = B::with_f32(&x, |xs| {
-            let mut y = vec![0f32; xs.len()];
+            let mut y = zeros(xs.len());
             y.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, i)| {
                 for (o, x) in o.iter_mut().zip(i) {
                     *o = gelu(*x);
@@ -93,7 +93,7 @@ pub mod cpu {
         let shape = x.shape().to_vec();
         let dx = B::with_f32(&x, |xs| {
             B::with_f32(&grad, |gs| {
-                let mut dx = vec![0f32; xs.len()];
+                let mut dx = zeros(xs.len());
                 dx.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK))).for_each(|(o, (i, g))| {
                     for (o, (x, g)) in o.iter_mut().zip(i.iter().zip(g)) {
                         *o = gelu_grad(*x) * g;

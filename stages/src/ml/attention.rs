@@ -106,7 +106,7 @@ pub mod reference {
 /// The op on the CPU backends: one task per image, every head in order.
 pub mod cpu {
     use super::*;
-    use crate::ml::cpu::{CpuTensors, View, mm};
+    use crate::ml::cpu::{CpuTensors, View, mm, zeros};
     use rayon::prelude::*;
 
     fn dims<B: Backend>(x: &FloatTensor<B>) -> [usize; 2] {
@@ -118,8 +118,8 @@ pub mod cpu {
         let [_, d] = dims::<B>(&q);
         let (t, h) = (s.t, s.heads);
         let dh = d / h;
-        let mut context = vec![0f32; s.n * t * d];
-        let mut weights = vec![0f32; s.n * h * t * t];
+        let mut context = zeros(s.n * t * d);
+        let mut weights = zeros(s.n * h * t * t);
         if t > 0 && d > 0 {
             B::with_f32(&q, |qs| {
                 B::with_f32(&k, |ks| {
@@ -164,7 +164,7 @@ pub mod cpu {
         let [rows, d] = dims::<B>(&q);
         let (t, h) = (s.t, s.heads);
         let dh = d / h;
-        let (mut dq, mut dk, mut dv) = (vec![0f32; rows * d], vec![0f32; rows * d], vec![0f32; rows * d]);
+        let (mut dq, mut dk, mut dv) = (zeros(rows * d), zeros(rows * d), zeros(rows * d));
         if t > 0 && d > 0 {
             B::with_f32(&q, |qs| {
                 B::with_f32(&k, |ks| {

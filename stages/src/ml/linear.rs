@@ -113,7 +113,7 @@ pub mod reference {
 /// The op on the CPU backends.
 pub mod cpu {
     use super::*;
-    use crate::ml::cpu::{CpuTensors, View, mm, mm_parallel};
+    use crate::ml::cpu::{CpuTensors, View, mm, mm_parallel, zeros};
     use burn::tensor::TensorMetadata;
     use rayon::prelude::*;
 
@@ -139,7 +139,7 @@ pub mod cpu {
     pub fn forward<B: CpuTensors>(x: FloatTensor<B>, w: FloatTensor<B>, b: Option<FloatTensor<B>>, layout: Layout) -> FloatTensor<B> {
         let (rows, inputs, outputs) = sizes::<B>(&x, &w, layout);
         let bias = b.map(|b| B::with_f32(&b, |s| s.to_vec()));
-        let mut y = vec![0f32; rows * outputs];
+        let mut y = zeros(rows * outputs);
         if outputs > 0 {
             B::with_f32(&x, |xs| {
                 B::with_f32(&w, |ws| {
@@ -162,7 +162,7 @@ pub mod cpu {
 
     pub fn backward<B: CpuTensors>(x: FloatTensor<B>, w: FloatTensor<B>, layout: Layout, grad: FloatTensor<B>) -> [FloatTensor<B>; 3] {
         let (rows, inputs, outputs) = sizes::<B>(&x, &w, layout);
-        let mut dx = vec![0f32; rows * inputs];
+        let mut dx = zeros(rows * inputs);
         // The weight gradient is computed as [in, out], then laid out as the weight.
         let (mut dw, mut db) = (vec![0f32; inputs * outputs], vec![0f32; outputs]);
         if inputs > 0 && outputs > 0 && rows > 0 {

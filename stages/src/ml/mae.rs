@@ -25,6 +25,7 @@ use super::linear;
 use super::norm::LayerNorm;
 use super::optim::GroupedAdamW;
 use super::schedule::lr_at;
+use super::step_pool::StepPool;
 use super::vit::{Attention, Block, Vit, VitConfig};
 use burn::module::AutodiffModule;
 use fgflow_engine::StageError;
@@ -234,6 +235,7 @@ pub fn pretrain<B: TrainBackend>(
     let mut mask_rng = ChaCha8Rng::seed_from_u64(tc.seed ^ 0x5eed_da7a_0000_0003);
     let mut step = 0usize;
     let loader = LoaderConfig::from_env();
+    let step_pool = StepPool::new()?;
     for epoch in 1..=tc.epochs {
         let started = Instant::now();
         let batches: Vec<Vec<usize>> = epoch_order(pool.len(), MAE_SALT, tc.seed, epoch).chunks(bs).map(|c| c.to_vec()).collect();
@@ -241,19 +243,23 @@ pub fn pretrain<B: TrainBackend>(
         let mut slot = Some(mae);
         let aug = Augmentation { config: &tc.augment, salt: MAE_SALT, seed: tc.seed, epoch };
         let pass = run_pass(&pool, &batches, target, Some(aug), loader, |_, batch| -> Result<(), StageError> {
-            let Some(mut m) = slot.take() else { return Err(StageError::failed("the model was lost by a failed step")) };
+            let Some(m) = slot.take() else { return Err(StageError::failed("the model was lost by a failed step")) };
             let n = batch.indices.len();
             let x = Tensor::<B, 4>::from_data(TensorData::new(batch.nchw, [n, ch, h, w]), device);
             let masks = Masks::draw(n, patches, visible, &mut mask_rng);
-            let loss = m.loss(x, &masks, config.norm_pix);
-            let value = loss.clone().detach().into_data().convert::<f64>().to_vec::<f64>().ok().and_then(|v| v.first().copied()).unwrap_or(f64::NAN);
-            if !value.is_finite() {
-                return Err(StageError::failed(format!("the reconstruction loss became {value} at epoch {epoch}, step {step}: lower lr")));
-            }
+            let work = || -> Result<_, StageError> {
+                let loss = m.loss(x, &masks, config.norm_pix);
+                let value = loss.clone().detach().into_data().convert::<f64>().to_vec::<f64>().ok().and_then(|v| v.first().copied()).unwrap_or(f64::NAN);
+                if !value.is_finite() {
+                    return Err(StageError::failed(format!("the reconstruction loss became {value} at epoch {epoch}, step {step}: lower lr")));
+                }
+                let lr = lr_at(step, total, warmup, tc.lr, tc.min_lr);
+                Ok((optim.step(lr, m, loss.backward()), value, lr))
+            };
+            let (m, value, step_lr) = step_pool.run(work)?;
             loss_sum += value * n as f64;
             seen += n;
-            lr = lr_at(step, total, warmup, tc.lr, tc.min_lr);
-            m = optim.step(lr, m, loss.backward());
+            lr = step_lr;
             slot = Some(m);
             step += 1;
             on_step(step, total);

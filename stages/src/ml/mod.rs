@@ -33,6 +33,7 @@ pub mod pretrained;
 pub mod randaugment;
 pub mod resize;
 pub mod schedule;
+pub mod step_pool;
 pub mod swinv2;
 pub mod train_loop;
 pub mod vit;

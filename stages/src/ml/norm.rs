@@ -192,7 +192,7 @@ pub mod reference {
 /// passes run one task per plane. So every result is independent of the thread count.
 pub mod cpu {
     use super::*;
-    use crate::ml::cpu::CpuTensors;
+    use crate::ml::cpu::{CpuTensors, zeros};
     use rayon::prelude::*;
 
     fn dims<B: Backend>(x: &FloatTensor<B>) -> [usize; 4] {
@@ -244,7 +244,7 @@ pub mod cpu {
 
     /// max(0, x * scale + shift) with the per-channel scale and shift, planes in parallel.
     fn apply(xs: &[f32], scale: &[f32], shift: &[f32], c: usize, hw: usize) -> Vec<f32> {
-        let mut y = vec![0f32; xs.len()];
+        let mut y = zeros(xs.len());
         if hw > 0 {
             y.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
                 let (s, t) = (scale[plane % c], shift[plane % c]);
@@ -303,7 +303,7 @@ pub mod cpu {
                 });
                 let dbeta: Vec<f32> = sums_of.iter().map(|(s, _)| *s as f32).collect();
                 let dgamma: Vec<f32> = sums_of.iter().map(|(_, q)| *q as f32).collect();
-                let mut dx = vec![0f32; xs.len()];
+                let mut dx = zeros(xs.len());
                 if hw > 0 {
                     dx.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
                         let ci = plane % c;
@@ -417,7 +417,7 @@ pub mod layer_reference {
 /// result depends on the thread count.
 pub mod layer_cpu {
     use super::*;
-    use crate::ml::cpu::CpuTensors;
+    use crate::ml::cpu::{CpuTensors, zeros};
     use rayon::prelude::*;
 
     /// Rows per task and per partial sum of the parameter gradients.
@@ -447,7 +447,7 @@ pub mod layer_cpu {
         let [rows, d] = dims::<B>(&x);
         let (gamma_v, beta_v) = (B::with_f32(&gamma, |s| s.to_vec()), B::with_f32(&beta, |s| s.to_vec()));
         let (y, mean, rstd) = B::with_f32(&x, |xs| {
-            let mut y = vec![0f32; rows * d];
+            let mut y = zeros(rows * d);
             let mut mean = vec![0f32; rows];
             let mut rstd = vec![0f32; rows];
             if d > 0 {
@@ -483,7 +483,7 @@ pub mod layer_cpu {
         let (gamma_v, mean_v, rstd_v) = (read(&gamma), read(&mean), read(&rstd));
         let (dx, dgamma, dbeta) = B::with_f32(&x, |xs| {
             B::with_f32(&grad, |gs| {
-                let mut dx = vec![0f32; rows * d];
+                let mut dx = zeros(rows * d);
                 let partials: Vec<(Vec<f32>, Vec<f32>)> = if d == 0 {
                     Vec::new()
                 } else {

@@ -28,6 +28,7 @@ use super::loss::{LossConfig, add_per_class, cross_entropy, eql_adjust, eql_incr
 use super::model::{AdjustMode, Classifier, ModelConfig};
 use super::optim::{GroupedAdamW, stem_params};
 use super::schedule::lr_at;
+use super::step_pool::StepPool;
 
 /// Everything about a run that is not the model's shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,6 +161,7 @@ pub fn train<B: TrainBackend>(
     let mut step = 0usize;
     let (h, w, ch) = (target.height, target.width, target.channels);
     let loader = LoaderConfig::from_env();
+    let step_pool = StepPool::new()?;
 
     for epoch in 1..=tc.epochs {
         if step >= total {
@@ -178,42 +180,47 @@ pub fn train<B: TrainBackend>(
         let mut slot = Some(model);
         let aug = Augmentation { config: &tc.augment, salt: TRAIN_SALT, seed: tc.seed, epoch };
         let pass = run_pass(imgs, &batches, target, Some(aug), loader, |_, batch| -> Result<(), StageError> {
-            let Some(mut m) = slot.take() else { return Err(StageError::failed("the model was lost by a failed step")) };
+            let Some(m) = slot.take() else { return Err(StageError::failed("the model was lost by a failed step")) };
             let n = batch.indices.len();
             let x = Tensor::<B, 4>::from_data(TensorData::new(batch.nchw, [n, ch, h, w]), device);
             let ys: Vec<u32> = batch.indices.iter().map(|&i| data.labels[i]).collect();
             let y = labels_tensor::<B>(&ys, device);
 
-            let mut logits = m.forward_train(x, y.clone(), margins.clone());
-            if let Some(p) = &in_loss_prior {
-                logits = add_per_class(logits, p.clone());
-            }
-            if let Some(p) = &balanced_prior {
-                logits = add_per_class(logits, p.clone());
-            }
-            let mut eql_update = None;
-            if let LossConfig::Eql { tau, eps, indicator } = config.loss {
-                let g = eql_indicator(m.eql_pos.val(), m.eql_neg.val(), indicator, eps).detach();
-                logits = eql_adjust(logits, y.clone(), g, tau, eps);
-                eql_update = Some(eql_increments(logits.clone().detach(), y.clone()));
-            }
-            let pred = to_f32(logits.clone().detach().argmax(1).float());
+            // The step itself runs on the run's pool (`step_pool`).
+            let work = || -> Result<_, StageError> {
+                let mut logits = m.forward_train(x, y.clone(), margins.clone());
+                if let Some(p) = &in_loss_prior {
+                    logits = add_per_class(logits, p.clone());
+                }
+                if let Some(p) = &balanced_prior {
+                    logits = add_per_class(logits, p.clone());
+                }
+                let mut eql_update = None;
+                if let LossConfig::Eql { tau, eps, indicator } = config.loss {
+                    let g = eql_indicator(m.eql_pos.val(), m.eql_neg.val(), indicator, eps).detach();
+                    logits = eql_adjust(logits, y.clone(), g, tau, eps);
+                    eql_update = Some(eql_increments(logits.clone().detach(), y.clone()));
+                }
+                let pred = to_f32(logits.clone().detach().argmax(1).float());
+                let loss = cross_entropy(logits, y, tc.label_smoothing);
+                let loss_value = to_f32(loss.clone().detach()).first().copied().unwrap_or(f32::NAN) as f64;
+                if !loss_value.is_finite() {
+                    return Err(StageError::failed(format!("the loss became {loss_value} at epoch {epoch}, step {step}: lower lr")));
+                }
+                let lr = lr_at(step, total, warmup, tc.lr, tc.min_lr);
+                let grads = loss.backward();
+                let mut m = optim.step(lr, m, grads);
+                if let Some((dp, dn)) = eql_update {
+                    let (p, n) = (m.eql_pos.val() + dp, m.eql_neg.val() + dn);
+                    m = m.set_eql(p, n);
+                }
+                Ok((m, pred, loss_value, lr))
+            };
+            let (m, pred, loss_value, step_lr) = step_pool.run(work)?;
             correct += pred.iter().zip(&ys).filter(|(p, y)| **p as u32 == **y).count();
-            let loss = cross_entropy(logits, y, tc.label_smoothing);
-            let loss_value = to_f32(loss.clone().detach()).first().copied().unwrap_or(f32::NAN) as f64;
-            if !loss_value.is_finite() {
-                return Err(StageError::failed(format!("the loss became {loss_value} at epoch {epoch}, step {step}: lower lr")));
-            }
             loss_sum += loss_value * n as f64;
             seen += n;
-
-            lr = lr_at(step, total, warmup, tc.lr, tc.min_lr);
-            let grads = loss.backward();
-            m = optim.step(lr, m, grads);
-            if let Some((dp, dn)) = eql_update {
-                let (p, n) = (m.eql_pos.val() + dp, m.eql_neg.val() + dn);
-                m = m.set_eql(p, n);
-            }
+            lr = step_lr;
             slot = Some(m);
             step += 1;
             observer.step(step, total);
@@ -296,10 +303,11 @@ pub fn predict_logits<B: KernelBackend>(model: &Classifier<B>, target: Target, i
     let batches: Vec<Vec<usize>> = order.chunks(bs).map(|c| c.to_vec()).collect();
     let mut out = Vec::with_capacity(images.len());
     let Target { height: h, width: w, channels: c } = target;
+    let step_pool = StepPool::new()?;
     let pass = run_pass(images, &batches, target, None, LoaderConfig::from_env(), |_, batch| -> Result<(), StageError> {
         let n = batch.indices.len();
         let x = Tensor::<B, 4>::from_data(TensorData::new(batch.nchw, [n, c, h, w]), &device);
-        out.extend(to_f32(batch_logits(model, x, flip_tta)));
+        out.extend(step_pool.run(|| to_f32(batch_logits(model, x, flip_tta))));
         Ok(())
     });
     pass.map_err(|e| e.into_stage("images"))?;
