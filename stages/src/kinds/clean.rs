@@ -248,7 +248,8 @@ impl StageKind for Clean {
         // 3: training as `train` v3 (conv weight gradient, own norms and attention).
         // 4: training as `train` v5 (the loader); sets over image stores.
         // 5: training as `train` v6 (the CPU kernels).
-        5
+        // 6: training as `train` v7 (vectorised GELU and softmax).
+        6
     }
     fn summary(&self) -> &'static str {
         "drop training samples whose label out-of-fold models do not support (k-fold train + predict)"

@@ -71,7 +71,8 @@ impl StageKind for Pretrain {
         // 2: the loader's order and per-image augmentation streams (see `train` 5);
         //    sets over image stores, `image_size`.
         // 3: the CPU kernels of `train` v6.
-        3
+        // 4: the vectorised GELU and softmax of `train` v7.
+        4
     }
     fn summary(&self) -> &'static str {
         "masked-autoencoder pre-training of the ViT on unlabelled images; `train` starts from it through `init`"

@@ -61,18 +61,22 @@ pub mod reference {
 pub mod cpu {
     use super::*;
     use crate::ml::cpu::{CpuTensors, zeros};
+    use crate::ml::fastmath;
     use burn::tensor::TensorMetadata;
     use rayon::prelude::*;
 
     /// Elements per task.
     const CHUNK: usize = 16 * 1024;
 
+    // erf and exp from `fastmath`: they vectorise (libm's were a tenth of the ViT's step).
+    #[inline(always)]
     fn gelu(x: f32) -> f32 {
-        0.5 * x * (1.0 + libm::erff(x * FRAC_1_SQRT_2 as f32))
+        0.5 * x * (1.0 + fastmath::erf(x * FRAC_1_SQRT_2 as f32))
     }
 
+    #[inline(always)]
     fn gelu_grad(x: f32) -> f32 {
-        0.5 * (1.0 + libm::erff(x * FRAC_1_SQRT_2 as f32)) + x * (-0.5 * x * x).exp() * FRAC_1_SQRT_2PI as f32
+        0.5 * (1.0 + fastmath::erf(x * FRAC_1_SQRT_2 as f32)) + x * fastmath::exp(-0.5 * x * x) * FRAC_1_SQRT_2PI as f32
     }
 
     pub fn forward<B: CpuTensors>(x: FloatTensor<B>) -> FloatTensor<B> {
@@ -80,9 +84,11 @@ pub mod cpu {
         let y = B::with_f32(&x, |xs| {
             let mut y = zeros(xs.len());
             y.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, i)| {
-                for (o, x) in o.iter_mut().zip(i) {
-                    *o = gelu(*x);
-                }
+                fastmath::widest(|| {
+                    for (o, x) in o.iter_mut().zip(i) {
+                        *o = gelu(*x);
+                    }
+                })
             });
             y
         });
@@ -95,9 +101,11 @@ pub mod cpu {
             B::with_f32(&grad, |gs| {
                 let mut dx = zeros(xs.len());
                 dx.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK))).for_each(|(o, (i, g))| {
-                    for (o, (x, g)) in o.iter_mut().zip(i.iter().zip(g)) {
-                        *o = gelu_grad(*x) * g;
-                    }
+                    fastmath::widest(|| {
+                        for (o, (x, g)) in o.iter_mut().zip(i.iter().zip(g)) {
+                            *o = gelu_grad(*x) * g;
+                        }
+                    })
                 });
                 dx
             })

@@ -107,6 +107,7 @@ pub mod reference {
 pub mod cpu {
     use super::*;
     use crate::ml::cpu::{CpuTensors, View, mm, zeros};
+    use crate::ml::fastmath;
     use rayon::prelude::*;
 
     fn dims<B: Backend>(x: &FloatTensor<B>) -> [usize; 2] {
@@ -145,15 +146,16 @@ pub mod cpu {
         [out, B::from_f32(weights, &[s.n, h, t, t], &q)]
     }
 
-    /// In place: exp(x - max) / sum.
+    /// In place: exp(x - max) / sum. The exps vectorise (`fastmath`); the sum stays in
+    /// element order.
     fn softmax_row(r: &mut [f32]) {
         let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for x in r.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
+        fastmath::widest(|| {
+            for x in r.iter_mut() {
+                *x = fastmath::exp(*x - max);
+            }
+        });
+        let inv = 1.0 / r.iter().sum::<f32>();
         for x in r.iter_mut() {
             *x *= inv;
         }

@@ -67,8 +67,10 @@ pub fn zeros(n: usize) -> Vec<f32> {
     if n < SERIAL_ZEROS {
         return vec![0.0; n];
     }
-    let mut v = Vec::new();
-    (0..n).into_par_iter().with_min_len(SERIAL_ZEROS).map(|_| 0f32).collect_into_vec(&mut v);
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n].par_chunks_mut(SERIAL_ZEROS).for_each(|chunk| chunk.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: the capacity is at least n, and the chunks above wrote all of the first n.
+    unsafe { v.set_len(n) };
     v
 }
 
@@ -145,6 +147,15 @@ fn mm_with(dst: &mut [f32], d: View, lhs: &[f32], l: View, rhs: &[f32], r: View,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeros_are_zeros_at_every_size() {
+        for n in [0, 1, SERIAL_ZEROS - 1, SERIAL_ZEROS, 3 * SERIAL_ZEROS + 7] {
+            let v = zeros(n);
+            assert_eq!(v.len(), n);
+            assert!(v.iter().all(|x| x.to_bits() == 0));
+        }
+    }
 
     #[test]
     fn flex_views_strided_tensors_in_logical_order_and_builds_tensors() {

@@ -17,6 +17,7 @@ pub mod conv;
 pub mod cpu;
 pub mod data;
 pub mod efficientnet;
+pub mod fastmath;
 pub mod head;
 pub mod init;
 pub mod kernels;
