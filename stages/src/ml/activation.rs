@@ -79,16 +79,28 @@ pub mod cpu {
         0.5 * (1.0 + fastmath::erf(x * FRAC_1_SQRT_2 as f32)) + x * fastmath::exp(-0.5 * x * x) * FRAC_1_SQRT_2PI as f32
     }
 
+    crate::widest_fn! {
+        fn forward_chunk(out: &mut [f32], xs: &[f32]) {
+            for (o, x) in out.iter_mut().zip(xs) {
+                *o = gelu(*x);
+            }
+        }
+    }
+
+    crate::widest_fn! {
+        fn backward_chunk(out: &mut [f32], xs: &[f32], grad: &[f32]) {
+            for (o, (x, g)) in out.iter_mut().zip(xs.iter().zip(grad)) {
+                *o = gelu_grad(*x) * g;
+            }
+        }
+    }
+
     pub fn forward<B: CpuTensors>(x: FloatTensor<B>) -> FloatTensor<B> {
         let shape = x.shape().to_vec();
         let y = B::with_f32(&x, |xs| {
             let mut y = zeros(xs.len());
             y.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, i)| {
-                fastmath::widest(|| {
-                    for (o, x) in o.iter_mut().zip(i) {
-                        *o = gelu(*x);
-                    }
-                })
+                forward_chunk(o, i)
             });
             y
         });
@@ -101,11 +113,7 @@ pub mod cpu {
             B::with_f32(&grad, |gs| {
                 let mut dx = zeros(xs.len());
                 dx.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK))).for_each(|(o, (i, g))| {
-                    fastmath::widest(|| {
-                        for (o, (x, g)) in o.iter_mut().zip(i.iter().zip(g)) {
-                            *o = gelu_grad(*x) * g;
-                        }
-                    })
+                    backward_chunk(o, i, g)
                 });
                 dx
             })

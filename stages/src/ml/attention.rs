@@ -146,15 +146,19 @@ pub mod cpu {
         [out, B::from_f32(weights, &[s.n, h, t, t], &q)]
     }
 
+    crate::widest_fn! {
+        fn exp_shifted(r: &mut [f32], max: f32) {
+            for x in r.iter_mut() {
+                *x = fastmath::exp(*x - max);
+            }
+        }
+    }
+
     /// In place: exp(x - max) / sum. The exps vectorise (`fastmath`); the sum stays in
     /// element order.
     fn softmax_row(r: &mut [f32]) {
         let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        fastmath::widest(|| {
-            for x in r.iter_mut() {
-                *x = fastmath::exp(*x - max);
-            }
-        });
+        exp_shifted(r, max);
         let inv = 1.0 / r.iter().sum::<f32>();
         for x in r.iter_mut() {
             *x *= inv;

@@ -1,5 +1,6 @@
-//! f32 `exp` and `erf` that vectorise, and [`widest`], which runs a loop compiled for
-//! the widest vector unit the CPU has, for the CPU kernels' element-wise passes.
+//! f32 `exp` and `erf` that vectorise, and [`widest_fn!`](crate::widest_fn), which
+//! compiles a loop for the widest vector unit the CPU has, for the CPU kernels'
+//! element-wise passes.
 //!
 //! `f32::exp` and `libm::erff` are calls the compiler cannot vectorise: GELU's erf was
 //! about a tenth of the ViT's training step (perf, 2 threads). Here `exp` is Cephes'
@@ -48,35 +49,41 @@ pub fn erf(x: f32) -> f32 {
     (1.0 - poly * exp(-(a * a))).copysign(x)
 }
 
-/// Run `f` compiled for AVX-512 or AVX2 when the CPU has them, else as it is. `f` is
-/// inlined into the wider function, with whatever it inlines (`exp`, `erf`): put the
-/// element loop itself inside.
-#[inline(always)]
-pub fn widest<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked just above).
-            return unsafe { avx512(f) };
+/// `widest_fn! { pub fn name(args) { body } }` defines `name`, which runs `body`
+/// compiled for AVX-512 or AVX2 when the CPU has them (checked at run time), else as it
+/// is. The body is inlined into each variant, with everything it calls that is
+/// `#[inline(always)]` (`exp`, `erf`), so its loops become vector code of that width. (A
+/// closure passed to a `#[target_feature]` function is not reliably inlined: GELU's
+/// backward stayed scalar that way.)
+#[macro_export]
+macro_rules! widest_fn {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (checked just above).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked just above).
-            return unsafe { avx2(f) };
-        }
-    }
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
+    };
 }
 
 #[cfg(test)]
@@ -119,12 +126,21 @@ mod tests {
         assert!(erf(f32::NAN).is_nan());
     }
 
+    crate::widest_fn! {
+        fn wide(xs: &[f32], out: &mut [u32]) {
+            for (o, &x) in out.iter_mut().zip(xs) {
+                *o = (erf(x) + exp(-x.abs())).to_bits();
+            }
+        }
+    }
+
     /// The vector code and the scalar code give the same bits.
     #[test]
     fn the_widest_code_gives_the_scalar_bits() {
         let xs = grid();
         let plain: Vec<u32> = xs.iter().map(|&x| (erf(x) + exp(-x.abs())).to_bits()).collect();
-        let wide: Vec<u32> = widest(|| xs.iter().map(|&x| (erf(x) + exp(-x.abs())).to_bits()).collect());
-        assert_eq!(plain, wide);
+        let mut out = vec![0u32; xs.len()];
+        wide(&xs, &mut out);
+        assert_eq!(plain, out);
     }
 }
