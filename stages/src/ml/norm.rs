@@ -200,25 +200,66 @@ pub mod cpu {
         x.shape().dims::<4>()
     }
 
-    /// (sum of a, sum of a * b) over one plane: 16 f32 lanes (a plane is short, so
-    /// this is as accurate as f64 here and vectorises), returned in f64 to be summed
-    /// over planes.
-    fn plane_sums(a: &[f32], b: &[f32]) -> (f64, f64) {
-        let mut s = [0f32; 16];
-        let mut q = [0f32; 16];
-        let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
-        let (ra, rb) = (a16.remainder(), b16.remainder());
-        for (x, y) in a16.zip(b16) {
-            for l in 0..16 {
-                s[l] += x[l];
-                q[l] += x[l] * y[l];
+    crate::widest_fn! {
+        /// (sum of a, sum of a * b) over one plane: 16 f32 lanes (a plane is short, so
+        /// this is as accurate as f64 here and vectorises), returned in f64 to be summed
+        /// over planes.
+        fn plane_sums(a: &[f32], b: &[f32]) -> (f64, f64) {
+            let mut s = [0f32; 16];
+            let mut q = [0f32; 16];
+            let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
+            let (ra, rb) = (a16.remainder(), b16.remainder());
+            for (x, y) in a16.zip(b16) {
+                for l in 0..16 {
+                    s[l] += x[l];
+                    q[l] += x[l] * y[l];
+                }
+            }
+            for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+                s[l] += x;
+                q[l] += x * y;
+            }
+            (s.iter().map(|v| *v as f64).sum(), q.iter().map(|v| *v as f64).sum())
+        }
+    }
+
+    crate::widest_fn! {
+        /// One plane of the forward: max(0, x * scale + shift).
+        fn scale_shift_relu_plane(out: &mut [f32], xs: &[f32], scale: f32, shift: f32) {
+            for (o, v) in out.iter_mut().zip(xs) {
+                *o = (v * scale + shift).max(0.0);
             }
         }
-        for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
-            s[l] += x;
-            q[l] += x * y;
+    }
+
+    /// The per-channel constants of one plane in the backward.
+    #[derive(Clone, Copy)]
+    struct Channel {
+        scale: f32,
+        shift: f32,
+        mean: f32,
+        rstd: f32,
+    }
+
+    crate::widest_fn! {
+        /// g' = dy where the forward's pre-activation was positive, and x_hat.
+        fn masked_grad_plane(g: &mut [f32], x_hat: &mut [f32], xs: &[f32], dy: &[f32], k: Channel) {
+            for (((g, h), x), dy) in g.iter_mut().zip(x_hat.iter_mut()).zip(xs).zip(dy) {
+                *g = if x * k.scale + k.shift > 0.0 { *dy } else { 0.0 };
+                *h = (x - k.mean) * k.rstd;
+            }
         }
-        (s.iter().map(|v| *v as f64).sum(), q.iter().map(|v| *v as f64).sum())
+    }
+
+    crate::widest_fn! {
+        /// dx = gamma * rstd * (g' - mean(g') - x_hat * mean(g' * x_hat)) on one plane.
+        fn input_grad_plane(out: &mut [f32], xs: &[f32], dy: &[f32], k: Channel, factor: f32, mean_g: f32, mean_gx: f32) {
+            for ((o, x), dy) in out.iter_mut().zip(xs).zip(dy) {
+                let x_hat = (x - k.mean) * k.rstd;
+                let g = if x * k.scale + k.shift > 0.0 { *dy } else { 0.0 };
+                *o = factor * (g - mean_g - x_hat * mean_gx);
+            }
+        }
     }
 
     /// Per channel, the sums of f(plane, channel, scratch) over its planes in order;
@@ -247,10 +288,7 @@ pub mod cpu {
         let mut y = zeros(xs.len());
         if hw > 0 {
             y.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
-                let (s, t) = (scale[plane % c], shift[plane % c]);
-                for (o, v) in out.iter_mut().zip(&xs[plane * hw..][..hw]) {
-                    *o = (v * s + t).max(0.0);
-                }
+                scale_shift_relu_plane(out, &xs[plane * hw..][..hw], scale[plane % c], shift[plane % c]);
             });
         }
         y
@@ -291,14 +329,9 @@ pub mod cpu {
         let (scale, shift, rstd) = affine(&gamma_v, &read(&beta), &mean_v, &read(&var), epsilon);
         let (dx, dgamma, dbeta) = B::with_f32(&x, |xs| {
             B::with_f32(&grad, |gs| {
-                // g' = dy where the forward's pre-activation was positive.
-                let masked = |ci: usize, x: f32, g: f32| if x * scale[ci] + shift[ci] > 0.0 { g } else { 0.0 };
+                let channel = |ci: usize| Channel { scale: scale[ci], shift: shift[ci], mean: mean_v[ci], rstd: rstd[ci] };
                 let sums_of = per_channel(n, c, hw, |plane, ci, (g, x_hat)| {
-                    let (xp, gp) = (&xs[plane * hw..][..hw], &gs[plane * hw..][..hw]);
-                    for (((g, h), x), dy) in g.iter_mut().zip(x_hat.iter_mut()).zip(xp).zip(gp) {
-                        *g = masked(ci, *x, *dy);
-                        *h = (x - mean_v[ci]) * rstd[ci];
-                    }
+                    masked_grad_plane(g, x_hat, &xs[plane * hw..][..hw], &gs[plane * hw..][..hw], channel(ci));
                     plane_sums(g, x_hat)
                 });
                 let dbeta: Vec<f32> = sums_of.iter().map(|(s, _)| *s as f32).collect();
@@ -308,11 +341,7 @@ pub mod cpu {
                     dx.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
                         let ci = plane % c;
                         let (k, mb, mg) = (gamma_v[ci] * rstd[ci], dbeta[ci] / count, dgamma[ci] / count);
-                        let (xp, gp) = (&xs[plane * hw..][..hw], &gs[plane * hw..][..hw]);
-                        for ((o, x), dy) in out.iter_mut().zip(xp).zip(gp) {
-                            let x_hat = (x - mean_v[ci]) * rstd[ci];
-                            *o = k * (masked(ci, *x, *dy) - mb - x_hat * mg);
-                        }
+                        input_grad_plane(out, &xs[plane * hw..][..hw], &gs[plane * hw..][..hw], channel(ci), k, mb, mg);
                     });
                 }
                 (dx, dgamma, dbeta)
@@ -428,6 +457,7 @@ pub mod layer_cpu {
         x.shape().dims::<2>()
     }
 
+    #[inline(always)]
     fn sum(v: &[f32]) -> f32 {
         let mut lanes = [0f32; 16];
         let chunks = v.chunks_exact(16);
@@ -443,6 +473,55 @@ pub mod layer_cpu {
         lanes.iter().sum()
     }
 
+    crate::widest_fn! {
+        /// One chunk of rows: y, and each row's mean and 1 / std.
+        fn forward_rows(ys: &mut [f32], ms: &mut [f32], rs: &mut [f32], xs: &[f32], gamma: &[f32], beta: &[f32], epsilon: f32) {
+            let d = gamma.len();
+            let mut centred = vec![0f32; d];
+            let mut sq = vec![0f32; d];
+            for ((yr, xr), (m, rstd)) in ys.chunks_mut(d).zip(xs.chunks(d)).zip(ms.iter_mut().zip(rs.iter_mut())) {
+                *m = sum(xr) / d as f32;
+                for (c, x) in centred.iter_mut().zip(xr) {
+                    *c = x - *m;
+                }
+                for (q, c) in sq.iter_mut().zip(&centred) {
+                    *q = c * c;
+                }
+                *rstd = 1.0 / (sum(&sq) / d as f32 + epsilon).sqrt();
+                for ((o, c), (g, b)) in yr.iter_mut().zip(&centred).zip(gamma.iter().zip(beta)) {
+                    *o = c * *rstd * g + b;
+                }
+            }
+        }
+    }
+
+    crate::widest_fn! {
+        /// One chunk of rows of the backward: dx, and the chunk's partial sums of the
+        /// gamma and beta gradients.
+        fn backward_rows(dxs: &mut [f32], xs: &[f32], gs: &[f32], mean: &[f32], rstd: &[f32], gamma: &[f32]) -> (Vec<f32>, Vec<f32>) {
+            let d = gamma.len();
+            let (mut dgamma, mut dbeta) = (vec![0f32; d], vec![0f32; d]);
+            let (mut x_hat, mut g, mut gx) = (vec![0f32; d], vec![0f32; d], vec![0f32; d]);
+            for (((out, xr), dy), (&m, &rs)) in dxs.chunks_mut(d).zip(xs.chunks(d)).zip(gs.chunks(d)).zip(mean.iter().zip(rstd)) {
+                for i in 0..d {
+                    x_hat[i] = (xr[i] - m) * rs;
+                    g[i] = dy[i] * gamma[i];
+                    dgamma[i] += dy[i] * x_hat[i];
+                    dbeta[i] += dy[i];
+                }
+                let mean_g = sum(&g) / d as f32;
+                for i in 0..d {
+                    gx[i] = g[i] * x_hat[i];
+                }
+                let mean_gx = sum(&gx) / d as f32;
+                for i in 0..d {
+                    out[i] = rs * (g[i] - mean_g - x_hat[i] * mean_gx);
+                }
+            }
+            (dgamma, dbeta)
+        }
+    }
+
     pub fn forward<B: CpuTensors>(x: FloatTensor<B>, gamma: FloatTensor<B>, beta: FloatTensor<B>, epsilon: f64) -> [FloatTensor<B>; 3] {
         let [rows, d] = dims::<B>(&x);
         let (gamma_v, beta_v) = (B::with_f32(&gamma, |s| s.to_vec()), B::with_f32(&beta, |s| s.to_vec()));
@@ -456,19 +535,8 @@ pub mod layer_cpu {
                     .zip(rstd.par_chunks_mut(ROWS_PER_CHUNK))
                     .enumerate()
                     .for_each(|(chunk, ((ys, ms), rs))| {
-                        let mut centred = vec![0f32; d];
-                        for (r, (yr, (m, rstd))) in ys.chunks_mut(d).zip(ms.iter_mut().zip(rs.iter_mut())).enumerate() {
-                            let xr = &xs[(chunk * ROWS_PER_CHUNK + r) * d..][..d];
-                            *m = sum(xr) / d as f32;
-                            for (c, x) in centred.iter_mut().zip(xr) {
-                                *c = x - *m;
-                            }
-                            let sq: Vec<f32> = centred.iter().map(|c| c * c).collect();
-                            *rstd = 1.0 / (sum(&sq) / d as f32 + epsilon as f32).sqrt();
-                            for ((o, c), (g, b)) in yr.iter_mut().zip(&centred).zip(gamma_v.iter().zip(&beta_v)) {
-                                *o = c * *rstd * g + b;
-                            }
-                        }
+                        let xs = &xs[chunk * ROWS_PER_CHUNK * d..][..ys.len()];
+                        forward_rows(ys, ms, rs, xs, &gamma_v, &beta_v, epsilon as f32);
                     });
             }
             (y, mean, rstd)
@@ -490,26 +558,9 @@ pub mod layer_cpu {
                     dx.par_chunks_mut(ROWS_PER_CHUNK * d)
                         .enumerate()
                         .map(|(chunk, dxs)| {
-                            let (mut dgamma, mut dbeta) = (vec![0f32; d], vec![0f32; d]);
-                            let (mut x_hat, mut g) = (vec![0f32; d], vec![0f32; d]);
-                            for (r, out) in dxs.chunks_mut(d).enumerate() {
-                                let row = chunk * ROWS_PER_CHUNK + r;
-                                let (xr, dy) = (&xs[row * d..][..d], &gs[row * d..][..d]);
-                                let (m, rs) = (mean_v[row], rstd_v[row]);
-                                for i in 0..d {
-                                    x_hat[i] = (xr[i] - m) * rs;
-                                    g[i] = dy[i] * gamma_v[i];
-                                    dgamma[i] += dy[i] * x_hat[i];
-                                    dbeta[i] += dy[i];
-                                }
-                                let mean_g = sum(&g) / d as f32;
-                                let gx: Vec<f32> = g.iter().zip(&x_hat).map(|(a, b)| a * b).collect();
-                                let mean_gx = sum(&gx) / d as f32;
-                                for i in 0..d {
-                                    out[i] = rs * (g[i] - mean_g - x_hat[i] * mean_gx);
-                                }
-                            }
-                            (dgamma, dbeta)
+                            let (first, n) = (chunk * ROWS_PER_CHUNK, dxs.len() / d);
+                            let (xs, gs) = (&xs[first * d..][..dxs.len()], &gs[first * d..][..dxs.len()]);
+                            backward_rows(dxs, xs, gs, &mean_v[first..first + n], &rstd_v[first..first + n], &gamma_v)
                         })
                         .collect()
                 };
