@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::conv::conv_same;
 use super::kernels::KernelBackend;
 use super::norm::BatchNorm2d;
+use super::pool::max_pool_2x2;
 
 /// Sizes of the CNN (stored in the model config JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,7 +91,8 @@ impl<B: KernelBackend> Cnn<B> {
             // Pool between stages only while there is room (28 -> 14 -> 7 -> 3).
             let [_, _, h, w] = x.dims();
             if i < last && h >= 2 && w >= 2 {
-                x = self.pool.forward(x);
+                // `pool` is 2x2 with stride 2; `max_pool_2x2` is that op as one kernel.
+                x = max_pool_2x2(x);
             }
         }
         let [n, c, _, _] = x.dims();

@@ -1,7 +1,7 @@
 //! [`KernelBackend`]: the ops fgflow implements itself instead of composing burn's, and
 //! the backends that have them. Each op has a default made of burn's own ops (what the
 //! GPU backends run), CPU kernels for flex and ndarray (in `conv`, `norm`, `attention`,
-//! `activation`, `linear`: parallel over images, channels, planes or fixed chunks of
+//! `activation`, `linear`, `pool`: parallel over images, channels, planes or fixed chunks of
 //! rows, each output computed by one task in a fixed order, so results do not depend on
 //! the thread count), and one autodiff op whose backward calls the backend's gradient
 //! methods. Every kernel is tested against the default (values and gradients) and for
@@ -20,7 +20,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 
-use super::{activation, attention, conv, linear, norm};
+use super::{activation, attention, conv, linear, norm, pool};
 
 /// Registers each gradient for its parent (`ops.parents`' ids), where that parent is
 /// tracked: what every kernel's backward ends with.
@@ -95,6 +95,16 @@ pub trait KernelBackend: Backend {
     /// The gradients (x, weight in its layout, bias) of `dense`.
     fn dense_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, layout: linear::Layout, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
         linear::reference::backward::<Self>(x, weight, layout, grad)
+    }
+
+    /// 2x2 max pooling with stride 2 ([`pool::max_pool_2x2`]).
+    fn max_pool_2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        pool::reference::forward::<Self>(x)
+    }
+
+    /// The gradient of `max_pool_2x2`, from its input.
+    fn max_pool_2x2_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        pool::reference::backward::<Self>(x, grad)
     }
 
     /// GELU with erf ([`activation::gelu`]).
@@ -189,6 +199,12 @@ macro_rules! cpu_kernel_backend {
             fn dense_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, layout: linear::Layout, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
                 linear::cpu::backward::<Self>(x, weight, layout, grad)
             }
+            fn max_pool_2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
+                pool::cpu::forward::<Self>(x)
+            }
+            fn max_pool_2x2_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+                pool::cpu::backward::<Self>(x, grad)
+            }
             fn gelu_exact(x: FloatTensor<Self>) -> FloatTensor<Self> {
                 activation::cpu::forward::<Self>(x)
             }
@@ -263,6 +279,16 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
                 prep.finish((q.primitive, k.primitive, v.primitive, weights), context)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::token_attention(q.primitive, k.primitive, v.primitive, shape, scale)),
+        }
+    }
+
+    fn max_pool_2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match pool::MaxPoolBackward.prepare::<C>([x.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let y = B::max_pool_2x2(x.primitive.clone());
+                prep.finish(x.primitive, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::max_pool_2x2(x.primitive)),
         }
     }
 

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod model;
 pub mod norm;
 pub mod optim;
+pub mod pool;
 pub mod predictions;
 pub mod pretrained;
 pub mod randaugment;

@@ -1,0 +1,156 @@
+//! 2x2 max pooling with stride 2 (the CNN's, between stages) as one op.
+//!
+//! Why: flex pools through a general 3-D kernel that keeps an index per output and
+//! scatters the gradient back through those indices; in the CNN's training step that
+//! was 6-10% of the samples (perf, 2 threads). The CPU kernel ([`cpu`]) keeps flex's
+//! rule for ties (a window's first element is taken, then a later one only if strictly
+//! greater, in row-major order, so a NaN in the first position stays) and its backward
+//! recomputes each window's winner from the saved input instead of storing indices, then
+//! adds the gradient to zeros there as flex does: forward and gradient are flex's bits
+//! (tested). A remainder row or column (odd sizes) is dropped, as flex drops it.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
+
+use super::kernels::KernelBackend;
+
+/// [N, C, H, W] -> [N, C, H / 2, W / 2], the maximum of each 2x2 window.
+pub fn max_pool_2x2<B: KernelBackend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::max_pool_2x2(x.into_primitive().tensor())))
+}
+
+#[derive(Debug)]
+pub(crate) struct MaxPoolBackward;
+
+impl<B: KernelBackend> Backward<B, 1> for MaxPoolBackward {
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        if let [Some(node)] = ops.parents {
+            grads.register::<B>(node.id, B::max_pool_2x2_backward(ops.state, grad));
+        }
+    }
+}
+
+/// The op in burn's own ops (GPU backends, and the tests' reference).
+pub mod reference {
+    use super::*;
+
+    pub fn forward<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+        B::max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false)
+    }
+
+    pub fn backward<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+        let indices = B::max_pool2d_with_indices(x.clone(), [2, 2], [2, 2], [0, 0], [1, 1], false).indices;
+        B::max_pool2d_with_indices_backward(x, [2, 2], [2, 2], [0, 0], [1, 1], false, grad, indices).x_grad
+    }
+}
+
+/// The op on the CPU backends: planes in parallel, each by one task.
+pub mod cpu {
+    use super::*;
+    use crate::ml::cpu::{CpuTensors, zeros};
+    use burn::tensor::TensorMetadata;
+    use rayon::prelude::*;
+
+    /// Planes per task: at least about 4096 outputs (the last stage's planes are 3x3).
+    fn min_planes(plane: usize) -> usize {
+        4096usize.div_ceil(plane.max(1))
+    }
+
+    /// Offset of the winner in the window at (y, x) of a plane of width w: the first
+    /// element, then a later one only where strictly greater (flex's rule).
+    #[inline(always)]
+    fn winner(p: &[f32], w: usize, y: usize, x: usize) -> usize {
+        let top = 2 * y * w + 2 * x;
+        let mut best = top;
+        for i in [top + 1, top + w, top + w + 1] {
+            if p[i] > p[best] {
+                best = i;
+            }
+        }
+        best
+    }
+
+    pub fn forward<B: CpuTensors>(x: FloatTensor<B>) -> FloatTensor<B> {
+        let [n, c, h, w] = x.shape().dims::<4>();
+        let (oh, ow) = (h / 2, w / 2);
+        let y = B::with_f32(&x, |xs| {
+            let mut y = zeros(n * c * oh * ow);
+            if oh * ow > 0 {
+                y.par_chunks_mut(oh * ow).with_min_len(min_planes(oh * ow)).enumerate().for_each(|(plane, out)| {
+                    let p = &xs[plane * h * w..][..h * w];
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            out[oy * ow + ox] = p[winner(p, w, oy, ox)];
+                        }
+                    }
+                });
+            }
+            y
+        });
+        B::from_f32(y, &[n, c, oh, ow], &x)
+    }
+
+    pub fn backward<B: CpuTensors>(x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+        let [n, c, h, w] = x.shape().dims::<4>();
+        let (oh, ow) = (h / 2, w / 2);
+        let dx = B::with_f32(&x, |xs| {
+            B::with_f32(&grad, |gs| {
+                let mut dx = zeros(n * c * h * w);
+                if oh * ow > 0 {
+                    dx.par_chunks_mut(h * w).with_min_len(min_planes(h * w)).enumerate().for_each(|(plane, out)| {
+                        let (p, g) = (&xs[plane * h * w..][..h * w], &gs[plane * oh * ow..][..oh * ow]);
+                        for oy in 0..oh {
+                            for ox in 0..ow {
+                                // Added to zero, as flex scatters it: -0.0 becomes 0.0 alike.
+                                out[winner(p, w, oy, ox)] += g[oy * ow + ox];
+                            }
+                        }
+                    });
+                }
+                dx
+            })
+        });
+        B::from_f32(dx, &[n, c, h, w], &x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::TensorData;
+
+    fn flat(t: FloatTensor<Flex>) -> Vec<u32> {
+        Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(t)).into_data().to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Forward and gradient are flex's bits, on values with many ties (zeros of both
+    /// signs, repeated values, a NaN), odd sizes and planes too small to pool.
+    #[test]
+    fn matches_flex_bit_for_bit_with_ties() {
+        let d = Default::default();
+        for [n, c, h, w] in [[2, 3, 6, 8], [1, 2, 7, 5], [3, 1, 1, 4], [1, 4, 3, 3]] {
+            let len = n * c * h * w;
+            let vals: Vec<f32> = (0..len)
+                .map(|i| match (i * 7919) % 11 {
+                    0 | 1 => 0.0,
+                    2 => -0.0,
+                    3 if i == 5 => f32::NAN,
+                    k => (k as f32 - 6.0) * 0.5,
+                })
+                .collect();
+            let x = Tensor::<Flex, 4>::from_data(TensorData::new(vals, [n, c, h, w]), &d).into_primitive().tensor();
+            let g: Vec<f32> = (0..n * c * (h / 2) * (w / 2)).map(|i| if i % 3 == 0 { -0.0 } else { i as f32 - 4.5 }).collect();
+            let g = Tensor::<Flex, 4>::from_data(TensorData::new(g, [n, c, h / 2, w / 2]), &d).into_primitive().tensor();
+            assert_eq!(flat(cpu::forward::<Flex>(x.clone())), flat(reference::forward::<Flex>(x.clone())), "forward {n}x{c}x{h}x{w}");
+            assert_eq!(flat(cpu::backward::<Flex>(x.clone(), g.clone())), flat(reference::backward::<Flex>(x, g)), "backward {n}x{c}x{h}x{w}");
+        }
+    }
+}
