@@ -27,11 +27,15 @@ pub fn exp(x: f32) -> f32 {
     // without a call to `roundf`.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = (((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1) * (r * r) + r + 1.0;
-    // n is in [-126, 127] after the clamp: 2^n is a normal float.
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // `shifted` is 1.5 * 2^23 + n, whose bits are 0x4B40_0000 + n: n as an integer
+    // without a float-to-int cast (`as i32` saturates, and the compiler scalarises it).
+    // n is in [-126, 127] after the clamp, so 2^n is a normal float.
+    let n_bits = shifted.to_bits().wrapping_sub(0x4B40_0000);
+    p * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// erf(x) for f32 (Abramowitz and Stegun 7.1.26), odd, saturating to +-1.
