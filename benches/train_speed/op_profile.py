@@ -46,7 +46,7 @@ FAMILIES = [
     ("conv backward (both gradients)", None, r"convolution_backward"),
     ("conv forward", r"ops::conv::conv[23]d|depthwise_cpu::forward|conv_same", r"convolution|mkldnn_conv|conv2d"),
     ("matmul (linear, attention)", r"ops::matmul|ml::linear::|ml::attention::|gemm", r"^aten::(addmm|mm|bmm|matmul|linear|baddbmm|_scaled_dot|scaled_dot)"),
-    ("pooling", r"pool", r"pool"),
+    ("pooling", r"ml::pool::|ops::pool::", r"pool"),
     ("batch/layer norm", r"ml::norm::(cpu|layer_cpu)", r"batch_norm|layer_norm"),
     ("softmax, loss, reductions", r"reduce|softmax|sum_dim|mean_dim|argmax|max_dim|cross_entropy", r"softmax|nll_loss|cross_entropy|sum|mean|max(?!_pool)|argmax"),
     ("optimiser (AdamW)", r"ml::optim::", r"_foreach|adamw|lerp|addcdiv|addcmul"),
@@ -81,10 +81,11 @@ def fgflow_profile(exe, model, images, epochs, threads, freq, workdir):
                           str(exe), model, "flex", str(images), str(epochs)], env=env, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - started
     script = subprocess.run(["perf", "script", "-i", str(data), "-F", "tid,ip,sym"], capture_output=True, text=True, check=True).stdout
-    # A sample is a header line (the thread id) followed by its frames, "<address> <symbol>".
+    # A sample is a header line (the thread id, space-padded to 5 columns) followed by
+    # its frames, a tab then "<address> <symbol>".
     counts, frames, started = Counter(), [], False
     for l in script.splitlines() + ["end"]:
-        m = re.match(r"^\s+[0-9a-f]+\s+(.*)$", l)
+        m = re.match(r"^\t\s*[0-9a-f]+\s+(.*)$", l)
         if m:
             frames.append(m.group(1))
         elif l.strip():

@@ -1,7 +1,7 @@
 //! [`KernelBackend`]: the ops fgflow implements itself instead of composing burn's, and
 //! the backends that have them. Each op has a default made of burn's own ops (what the
 //! GPU backends run), CPU kernels for flex and ndarray (in `conv`, `norm`, `attention`,
-//! `activation`, `linear`, `pool`: parallel over images, channels, planes or fixed chunks of
+//! `activation`, `linear`, `pool`, `tokens`: parallel over images, channels, planes or fixed chunks of
 //! rows, each output computed by one task in a fixed order, so results do not depend on
 //! the thread count), and one autodiff op whose backward calls the backend's gradient
 //! methods. Every kernel is tested against the default (values and gradients) and for
@@ -20,7 +20,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 
-use super::{activation, attention, conv, linear, norm, pool};
+use super::{activation, attention, conv, linear, norm, pool, tokens};
 
 /// Registers each gradient for its parent (`ops.parents`' ids), where that parent is
 /// tracked: what every kernel's backward ends with.
@@ -95,6 +95,27 @@ pub trait KernelBackend: Backend {
     /// The gradients (x, weight in its layout, bias) of `dense`.
     fn dense_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, layout: linear::Layout, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
         linear::reference::backward::<Self>(x, weight, layout, grad)
+    }
+
+    /// Token rows from patch embeddings, the class token and the position embeddings
+    /// ([`tokens::embed`]).
+    fn token_embed(patches: FloatTensor<Self>, cls: FloatTensor<Self>, pos: FloatTensor<Self>, shape: tokens::Tokens) -> FloatTensor<Self> {
+        tokens::reference::embed::<Self>(patches, cls, pos, shape)
+    }
+
+    /// The gradients (patches, class token, position embeddings) of `token_embed`.
+    fn token_embed_backward(grad: FloatTensor<Self>, shape: tokens::Tokens) -> [FloatTensor<Self>; 3] {
+        tokens::reference::embed_backward::<Self>(grad, shape)
+    }
+
+    /// The mean of each image's patch rows ([`tokens::mean`]).
+    fn token_mean(x: FloatTensor<Self>, shape: tokens::Tokens) -> FloatTensor<Self> {
+        tokens::reference::mean::<Self>(x, shape)
+    }
+
+    /// The gradient of `token_mean`.
+    fn token_mean_backward(grad: FloatTensor<Self>, shape: tokens::Tokens) -> FloatTensor<Self> {
+        tokens::reference::mean_backward::<Self>(grad, shape)
     }
 
     /// 2x2 max pooling with stride 2 ([`pool::max_pool_2x2`]).
@@ -199,6 +220,18 @@ macro_rules! cpu_kernel_backend {
             fn dense_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, layout: linear::Layout, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
                 linear::cpu::backward::<Self>(x, weight, layout, grad)
             }
+            fn token_embed(patches: FloatTensor<Self>, cls: FloatTensor<Self>, pos: FloatTensor<Self>, shape: tokens::Tokens) -> FloatTensor<Self> {
+                tokens::cpu::embed::<Self>(patches, cls, pos, shape)
+            }
+            fn token_embed_backward(grad: FloatTensor<Self>, shape: tokens::Tokens) -> [FloatTensor<Self>; 3] {
+                tokens::cpu::embed_backward::<Self>(grad, shape)
+            }
+            fn token_mean(x: FloatTensor<Self>, shape: tokens::Tokens) -> FloatTensor<Self> {
+                tokens::cpu::mean::<Self>(x, shape)
+            }
+            fn token_mean_backward(grad: FloatTensor<Self>, shape: tokens::Tokens) -> FloatTensor<Self> {
+                tokens::cpu::mean_backward::<Self>(grad, shape)
+            }
             fn max_pool_2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
                 pool::cpu::forward::<Self>(x)
             }
@@ -279,6 +312,22 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
                 prep.finish((q.primitive, k.primitive, v.primitive, weights), context)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::token_attention(q.primitive, k.primitive, v.primitive, shape, scale)),
+        }
+    }
+
+    fn token_embed(patches: FloatTensor<Self>, cls: FloatTensor<Self>, pos: FloatTensor<Self>, shape: tokens::Tokens) -> FloatTensor<Self> {
+        let out = B::token_embed(patches.primitive, cls.primitive, pos.primitive, shape);
+        match (tokens::EmbedBackward { shape }).prepare::<C>([patches.node, cls.node, pos.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn token_mean(x: FloatTensor<Self>, shape: tokens::Tokens) -> FloatTensor<Self> {
+        let out = B::token_mean(x.primitive, shape);
+        match (tokens::MeanBackward { shape }).prepare::<C>([x.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
 

@@ -37,5 +37,6 @@ pub mod resize;
 pub mod schedule;
 pub mod step_pool;
 pub mod swinv2;
+pub mod tokens;
 pub mod train_loop;
 pub mod vit;

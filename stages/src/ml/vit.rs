@@ -29,6 +29,7 @@ use super::attention::{Heads, attention};
 use super::kernels::KernelBackend;
 use super::linear;
 use super::norm::LayerNorm;
+use super::tokens::{self, Tokens};
 use super::pretrained::{FileTensor, FileTensors};
 
 /// Sizes of the ViT (stored in the model config JSON).
@@ -225,17 +226,22 @@ impl<B: KernelBackend> Vit<B> {
     /// [N, C, H, W] -> [N, dim]: the mean of the patch tokens or the class token, after
     /// the final norm.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let (tokens, h, w) = self.patch_tokens(x);
-        let [n, _, d] = tokens.dims();
-        let tokens = Tensor::cat(vec![self.class_token(n), tokens], 1);
-        if let (VitPool::Avg, Some(fc_norm)) = (self.pool, &self.fc_norm) {
-            let x = self.run_blocks(tokens).reshape([n, 1 + h * w, d]);
-            return fc_norm.forward(x.narrow(1, 1, h * w).mean_dim(1).reshape([n, d]));
+        let p = self.patch_embed.forward(x); // [N, dim, h', w']
+        let [n, d, h, w] = p.dims();
+        let shape = Tokens { n, p: h * w, d };
+        // The token rows [N * (1 + h'w'), dim] in one op (`tokens`): what `patch_tokens`
+        // and `class_token` compute, concatenated.
+        let mut x = tokens::embed(p.reshape([n, d, h * w]), self.cls_token.val(), self.pos_embed.val().narrow(1, 0, shape.t()));
+        for block in &self.blocks {
+            x = block.forward(x, n, shape.t());
         }
-        let x = self.encode(tokens);
+        if let (VitPool::Avg, Some(fc_norm)) = (self.pool, &self.fc_norm) {
+            return fc_norm.forward(tokens::mean(x, shape));
+        }
+        let x = self.norm.forward(x);
         match self.pool {
-            VitPool::Mean | VitPool::Avg => x.narrow(1, 1, h * w).mean_dim(1).reshape([n, d]),
-            VitPool::Cls => x.narrow(1, 0, 1).reshape([n, d]),
+            VitPool::Mean | VitPool::Avg => tokens::mean(x, shape),
+            VitPool::Cls => x.reshape([n, shape.t(), d]).narrow(1, 0, 1).reshape([n, d]),
         }
     }
 }
