@@ -30,7 +30,7 @@ impl StageKind for Predict {
         // 4: images of another size or channel count are brought to the model's (was
         //    an error), streamed through the loader.
         // 5: the CPU kernels of `train` v6 (other rounding).
-        // 6: the vectorised GELU and softmax of `train` v7.
+        // 6: the ViT's kernels of `train` v7 (vectorised GELU and softmax, token ops).
         6
     }
     fn summary(&self) -> &'static str {

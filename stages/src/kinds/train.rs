@@ -306,9 +306,10 @@ impl StageKind for Train {
         // 6: the CPU kernels (`ml::kernels`: convolution, BatchNorm + ReLU, LayerNorm,
         //    attention, GELU with its exact derivative, linear layers) and flex's
         //    multi-threaded SIMD ops: other rounding, and GELU's gradient changed.
-        // 7: GELU's erf and the attention softmax's exp vectorised (`ml::fastmath`): the
-        //    ViT's, Swin-V2's and the MAE decoder's numbers change (CNN and EfficientNet
-        //    models come out bit-identical).
+        // 7: GELU's erf and the attention softmax's exp vectorised (`ml::fastmath`), the
+        //    ViT's token assembly and mean pooling as ops (`ml::tokens`), linear layers in
+        //    tasks sized from the shape: the ViT's, Swin-V2's and the MAE's numbers change
+        //    (CNN and EfficientNet models come out bit-identical).
         7
     }
     fn summary(&self) -> &'static str {
