@@ -47,10 +47,18 @@ fn main() {
         let _ = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(r)).into_data();
         t.elapsed().as_secs_f64() * 1e3
     };
+    let (xs, ws) = (xd.to_vec::<f32>().unwrap(), wd.to_vec::<f32>().unwrap());
+    let fwd = || {
+        let t = Instant::now();
+        std::hint::black_box(fgflow_stages::ml::conv::conv_same_f32(&xs, &ws, n, c, hw, hw, o, 3));
+        t.elapsed().as_secs_f64() * 1e3
+    };
+    fwd();
     step(true);
     step(false);
-    let (mut ours, mut burns, mut dw_ours, mut dw_burn) = (vec![], vec![], vec![], vec![]);
+    let (mut ours, mut burns, mut dw_ours, mut dw_burn, mut fw) = (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..7 {
+        fw.push(fwd());
         ours.push(step(true));
         burns.push(step(false));
         dw_ours.push(dw(true));
@@ -59,4 +67,5 @@ fn main() {
     println!("[{n}, {c}, {hw}, {hw}] -> {o} channels, 3x3, median of 7:");
     println!("  forward+backward: burn conv2d {:.1} ms, conv_same {:.1} ms", median(burns), median(ours));
     println!("  weight gradient:  burn {:.1} ms, conv_same {:.1} ms", median(dw_burn), median(dw_ours));
+    println!("  forward alone (conv_same_f32): {:.2} ms", median(fw));
 }
