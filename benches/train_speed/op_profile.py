@@ -40,11 +40,14 @@ from bench import torch_python  # noqa: E402
 
 # (family, pattern over fgflow's frame symbols, pattern over PyTorch's aten op names)
 FAMILIES = [
-    # The weight gradient first: both gradients run under ConvSameBackward.
+    # The weight gradient first: both gradients run under ConvSameBackward. The input
+    # gradient's tasks run `input_grad_image` (the forward's code under another name):
+    # on a pool worker the chain does not reach the caller, so without it they counted
+    # as the forward.
     ("conv weight gradient", r"ml::conv::weight_grad_f32|ml::conv::cpu_weight_grad|conv_same_weight_grad|depthwise_cpu::weight_grad", None),
-    ("conv input gradient", r"conv_transpose|conv2d_x_backward|conv_same_x_grad|ConvSameBackward|depthwise_cpu::x_grad", None),
+    ("conv input gradient", r"conv_transpose|conv2d_x_backward|conv_same_x_grad|ConvSameBackward|ml::conv::input_grad_image|depthwise_cpu::x_grad", None),
     ("conv backward (both gradients)", None, r"convolution_backward"),
-    ("conv forward", r"ops::conv::conv[23]d|depthwise_cpu::forward|conv_same", r"convolution|mkldnn_conv|conv2d"),
+    ("conv forward", r"ops::conv::conv[23]d|depthwise_cpu::forward|conv_same|ml::conv::(same_conv|forward_image)", r"convolution|mkldnn_conv|conv2d"),
     ("matmul (linear, attention)", r"ops::matmul|ml::linear::|ml::attention::|gemm", r"^aten::(addmm|mm|bmm|matmul|linear|baddbmm|_scaled_dot|scaled_dot)"),
     ("pooling", r"ml::pool::|ops::pool::", r"pool"),
     ("batch/layer norm", r"ml::norm::(cpu|layer_cpu)", r"batch_norm|layer_norm"),

@@ -60,10 +60,10 @@ pub mod reference {
 /// The op on the CPU backends.
 pub mod cpu {
     use super::*;
-    use crate::ml::cpu::{CpuTensors, zeros};
+    use crate::ml::cpu::{CpuTensors, filled};
     use crate::ml::fastmath;
+    use std::mem::MaybeUninit;
     use burn::tensor::TensorMetadata;
-    use rayon::prelude::*;
 
     /// Elements per task.
     const CHUNK: usize = 16 * 1024;
@@ -80,17 +80,17 @@ pub mod cpu {
     }
 
     crate::widest_fn! {
-        fn forward_chunk(out: &mut [f32], xs: &[f32]) {
+        fn forward_chunk(out: &mut [MaybeUninit<f32>], xs: &[f32]) {
             for (o, x) in out.iter_mut().zip(xs) {
-                *o = gelu(*x);
+                o.write(gelu(*x));
             }
         }
     }
 
     crate::widest_fn! {
-        fn backward_chunk(out: &mut [f32], xs: &[f32], grad: &[f32]) {
+        fn backward_chunk(out: &mut [MaybeUninit<f32>], xs: &[f32], grad: &[f32]) {
             for (o, (x, g)) in out.iter_mut().zip(xs.iter().zip(grad)) {
-                *o = gelu_grad(*x) * g;
+                o.write(gelu_grad(*x) * g);
             }
         }
     }
@@ -98,11 +98,8 @@ pub mod cpu {
     pub fn forward<B: CpuTensors>(x: FloatTensor<B>) -> FloatTensor<B> {
         let shape = x.shape().to_vec();
         let y = B::with_f32(&x, |xs| {
-            let mut y = zeros(xs.len());
-            y.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, i)| {
-                forward_chunk(o, i)
-            });
-            y
+            // SAFETY: forward_chunk writes all of its chunk (xs has as many elements).
+            unsafe { filled(xs.len(), CHUNK, |i, o| forward_chunk(o, &xs[i * CHUNK..][..o.len()])) }
         });
         B::from_f32(y, &shape, &x)
     }
@@ -111,11 +108,10 @@ pub mod cpu {
         let shape = x.shape().to_vec();
         let dx = B::with_f32(&x, |xs| {
             B::with_f32(&grad, |gs| {
-                let mut dx = zeros(xs.len());
-                dx.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK).zip(gs.par_chunks(CHUNK))).for_each(|(o, (i, g))| {
-                    backward_chunk(o, i, g)
-                });
-                dx
+                // SAFETY: backward_chunk writes all of its chunk (xs and gs have as many
+                // elements: the gradient has the input's shape).
+                assert_eq!(xs.len(), gs.len());
+                unsafe { filled(xs.len(), CHUNK, |i, o| backward_chunk(o, &xs[i * CHUNK..][..o.len()], &gs[i * CHUNK..][..o.len()])) }
             })
         });
         B::from_f32(dx, &shape, &x)

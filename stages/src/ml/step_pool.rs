@@ -2,10 +2,20 @@
 //!
 //! Each step (forward, loss, backward, optimiser) runs inside a pool made for the run,
 //! rather than on the run's own thread. The kernels' parallel loops then start from a
-//! worker of the pool, which takes part in them, and the other workers spin between
-//! the step's many short parallel ops instead of the run's thread sleeping and waking
-//! them for each (`benches/train_speed`, 2 threads: CNN and ViT training about 6%
-//! faster).
+//! worker of the pool, which takes part in them, instead of the run's thread sleeping
+//! and waking the workers for each (`benches/train_speed`, 2 threads: CNN and ViT
+//! training about 6% faster).
+//!
+//! While a step runs, the other workers stay in it: they take the tasks of its parallel
+//! loops as they appear (`rayon::yield_now`) until it ends, spinning up to [`SPIN`]
+//! after their last task and then napping [`NAP`] between looks, so a long serial
+//! stretch leaves the core to the loader's threads. Left to rayon, a worker spins a few
+//! rounds and then sleeps, so the serial work between two kernels (burn's autodiff
+//! bookkeeping, flex's one-thread element-wise ops, a product gemm keeps on one thread)
+//! put it to sleep and the next kernel's loop started without it: a core idle a quarter
+//! of the ViT's step (`op_profile.py`). Kept in the step: ViT +10-15%, CNN +2-5%, the
+//! CNN's prediction unchanged (spinning without naps cost it 10%: the loader's threads
+//! lost the core).
 //!
 //! Every step runs on the same thread of the pool, its worker 0 (the others take part
 //! in the step's parallel loops): burn's `RunningState` (BatchNorm's running mean and
@@ -22,6 +32,8 @@
 //! holds its own step, so its workers can only steal parts of that step.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use fgflow_engine::StageError;
 
@@ -32,6 +44,12 @@ use fgflow_engine::StageError;
 /// no other run holds, so runs never share one.
 static IDLE: Mutex<Vec<rayon::ThreadPool>> = Mutex::new(Vec::new());
 
+/// How long a worker waiting in a step spins for its next task before it naps: longer
+/// than the serial work between two kernels of a step, shorter than a batch's loading.
+const SPIN: Duration = Duration::from_micros(200);
+/// A nap between looks for a task once the spin is over (the loader's threads get the
+/// core meanwhile).
+const NAP: Duration = Duration::from_micros(50);
 /// Idle pools kept at most (runs in flight at once in a test binary, say).
 const MAX_IDLE: usize = 8;
 
@@ -57,14 +75,42 @@ impl StepPool {
         Ok(StepPool(Some(pool)))
     }
 
-    /// Run one step on the pool's worker 0, waiting for it; the other workers return to
-    /// the pool at once and help with the step's parallel loops.
+    /// Run one step on the pool's worker 0, waiting for it; the other workers take the
+    /// step's parallel tasks until it ends (the module's doc says why).
     pub fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
         let Some(pool) = &self.0 else { return step() };
         let step = Mutex::new(Some(step));
-        let ran = pool.broadcast(|ctx| if ctx.index() == 0 { step.lock().ok().and_then(|mut s| s.take()).map(|f| f()) } else { None });
+        let done = AtomicBool::new(false);
+        let ran = pool.broadcast(|ctx| {
+            if ctx.index() == 0 {
+                // Set when the step ends, by returning or by panicking: the other
+                // workers wait for it before the broadcast can return or unwind.
+                let _done = SetOnDrop(&done);
+                step.lock().ok().and_then(|mut s| s.take()).map(|f| f())
+            } else {
+                let mut last_task = Instant::now();
+                while !done.load(Ordering::Acquire) {
+                    if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                        last_task = Instant::now();
+                    } else if last_task.elapsed() < SPIN {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::sleep(NAP);
+                    }
+                }
+                None
+            }
+        });
         // Worker 0 exists (a pool has at least one thread) and runs the closure once.
         ran.into_iter().next().flatten().expect("worker 0 ran the step")
+    }
+}
+
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -121,6 +167,29 @@ mod tests {
             let second = StepPool::new().unwrap();
             assert_eq!(second.run(|| std::thread::current().id()), thread);
         });
+    }
+
+    /// A step that panics ends its run's step instead of leaving the other workers
+    /// waiting for it: the panic reaches the caller, and the pool takes the next step.
+    #[test]
+    fn a_panicking_step_reaches_the_caller_and_the_pool_goes_on() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+            let outcome = three.install(|| {
+                let pool = StepPool::new().unwrap();
+                let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    pool.run(|| {
+                        let _: f64 = (0..10_000).into_par_iter().map(|i| i as f64).sum();
+                        panic!("a bad step")
+                    })
+                }))
+                .is_err();
+                (panicked, pool.run(|| 7))
+            });
+            let _ = tx.send(outcome);
+        });
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the pool hung after a panicking step"), (true, 7));
     }
 
     /// A run started inside a pool of n threads steps on n threads, so whoever sizes the
