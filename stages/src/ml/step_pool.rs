@@ -7,15 +7,19 @@
 //! training about 6% faster).
 //!
 //! While a step runs, the other workers stay in it: they take the tasks of its parallel
-//! loops as they appear (`rayon::yield_now`) until it ends, spinning up to [`SPIN`]
-//! after their last task and then napping [`NAP`] between looks, so a long serial
-//! stretch leaves the core to the loader's threads. Left to rayon, a worker spins a few
-//! rounds and then sleeps, so the serial work between two kernels (burn's autodiff
-//! bookkeeping, flex's one-thread element-wise ops, a product gemm keeps on one thread)
-//! put it to sleep and the next kernel's loop started without it: a core idle a quarter
-//! of the ViT's step (`op_profile.py`). Kept in the step: ViT +10-15%, CNN +2-5%, the
-//! CNN's prediction unchanged (spinning without naps cost it 10%: the loader's threads
-//! lost the core).
+//! loops as they appear (`rayon::yield_now`), spinning up to [`SPIN`] after their last
+//! task and then napping [`NAP`] between looks, so that a serial stretch leaves the
+//! core to the loader's threads. Left to rayon, a worker spins a few rounds and then
+//! sleeps, so the serial work between two kernels (burn's autodiff bookkeeping, flex's
+//! one-thread element-wise ops) put it to sleep and the next kernel's loop started
+//! without it (ViT training +9%, measured against the same build with the wait off).
+//!
+//! The wait gives up after [`GIVE_UP`] without a task. rayon may hand a worker its part
+//! of the step's broadcast while that worker waits inside one of the step's own tasks
+//! (a task that started a parallel loop and waits for a part another worker took): a
+//! wait for the step's end there, on top of a task the step waits for, never ends (a
+//! CI run hung so). Bounded, it ends once the step has no task left to give it, and the
+//! task under it goes on.
 //!
 //! Every step runs on the same thread of the pool, its worker 0 (the others take part
 //! in the step's parallel loops): burn's `RunningState` (BatchNorm's running mean and
@@ -45,11 +49,15 @@ use fgflow_engine::StageError;
 static IDLE: Mutex<Vec<rayon::ThreadPool>> = Mutex::new(Vec::new());
 
 /// How long a worker waiting in a step spins for its next task before it naps: longer
-/// than the serial work between two kernels of a step, shorter than a batch's loading.
+/// than most serial stretches between two kernels of a step.
 const SPIN: Duration = Duration::from_micros(200);
 /// A nap between looks for a task once the spin is over (the loader's threads get the
 /// core meanwhile).
 const NAP: Duration = Duration::from_micros(50);
+/// How long a worker waits in a step without a task before it goes back to rayon's own
+/// idle loop: longer than the serial stretches of a training step (giving up after 2 ms
+/// lost half the gain on the ViT), and what a wait that could not end costs instead.
+const GIVE_UP: Duration = Duration::from_millis(5);
 /// Idle pools kept at most (runs in flight at once in a test binary, say).
 const MAX_IDLE: usize = 8;
 
@@ -76,33 +84,42 @@ impl StepPool {
     }
 
     /// Run one step on the pool's worker 0, waiting for it; the other workers take the
-    /// step's parallel tasks until it ends (the module's doc says why).
+    /// step's parallel tasks while it runs (the module's doc says why).
     pub fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
         let Some(pool) = &self.0 else { return step() };
         let step = Mutex::new(Some(step));
         let done = AtomicBool::new(false);
         let ran = pool.broadcast(|ctx| {
             if ctx.index() == 0 {
-                // Set when the step ends, by returning or by panicking: the other
-                // workers wait for it before the broadcast can return or unwind.
+                // Set when the step ends, by returning or by panicking.
                 let _done = SetOnDrop(&done);
                 step.lock().ok().and_then(|mut s| s.take()).map(|f| f())
             } else {
-                let mut last_task = Instant::now();
-                while !done.load(Ordering::Acquire) {
-                    if rayon::yield_now() == Some(rayon::Yield::Executed) {
-                        last_task = Instant::now();
-                    } else if last_task.elapsed() < SPIN {
-                        std::hint::spin_loop();
-                    } else {
-                        std::thread::sleep(NAP);
-                    }
-                }
+                take_tasks_until(&done);
                 None
             }
         });
         // Worker 0 exists (a pool has at least one thread) and runs the closure once.
         ran.into_iter().next().flatten().expect("worker 0 ran the step")
+    }
+}
+
+/// Take the pool's tasks until `done` is set or none has come for [`GIVE_UP`].
+fn take_tasks_until(done: &AtomicBool) {
+    let mut last_task = Instant::now();
+    while !done.load(Ordering::Acquire) {
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            last_task = Instant::now();
+            continue;
+        }
+        let idle = last_task.elapsed();
+        if idle < SPIN {
+            std::hint::spin_loop();
+        } else if idle < GIVE_UP {
+            std::thread::sleep(NAP);
+        } else {
+            return;
+        }
     }
 }
 
@@ -190,6 +207,50 @@ mod tests {
             let _ = tx.send(outcome);
         });
         assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the pool hung after a panicking step"), (true, 7));
+    }
+
+    /// A worker handed the wait inside one of the step's own tasks (so the step cannot
+    /// end until the wait does) comes back: the wait ends without the step's end once
+    /// no task comes (it waited for the step's end alone once, and a CI run hung).
+    #[test]
+    fn a_wait_inside_a_task_the_step_waits_for_ends() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            let never = AtomicBool::new(false);
+            two.install(|| take_tasks_until(&never));
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(60)).expect("a wait whose step cannot end never returned");
+    }
+
+    /// A step whose parallel tasks start parallel loops of their own (a convolution's
+    /// chunks, each a gemm that splits again) ends, step after step, with the sums a
+    /// serial loop gives.
+    #[test]
+    fn a_step_whose_tasks_nest_parallel_loops_ends() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            let total = two.install(|| {
+                let pool = StepPool::new().unwrap();
+                (0..2000u64)
+                    .map(|step| {
+                        pool.run(|| {
+                            (0..8u64)
+                                .into_par_iter()
+                                .map(|chunk| (0..2000u64).into_par_iter().map(|i| i ^ chunk ^ step).sum::<u64>())
+                                .sum::<u64>()
+                        })
+                    })
+                    .fold(0u64, u64::wrapping_add)
+            });
+            let _ = tx.send(total);
+        });
+        let expected: u64 = (0..2000u64)
+            .map(|step| (0..8u64).map(|chunk| (0..2000u64).map(|i| i ^ chunk ^ step).sum::<u64>()).sum::<u64>())
+            .fold(0, u64::wrapping_add);
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(120)).expect("a step hung"), expected);
     }
 
     /// A run started inside a pool of n threads steps on n threads, so whoever sizes the
