@@ -206,7 +206,7 @@ pub fn conv_same_f32(x: &[f32], wt: &[f32], n: usize, c: usize, h: usize, w: usi
 /// [`input_grad_image`], the same code under two names so that a profile tells the
 /// forward from the input gradient (the tasks run on pool workers, whose call chains
 /// do not reach the caller).
-type ImageConv = fn(&[f32], &[f32], &mut [MaybeUninit<f32>], &mut [f32], [usize; 5]);
+type ImageConv = fn(&[f32], &[f32], &mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>], [usize; 5]);
 
 /// [n, c, h, w, o, k] as in [`conv_same_f32`].
 fn same_conv(x: &[f32], wt: &[f32], [n, c, h, w, o, k]: [usize; 6], image: ImageConv) -> Vec<f32> {
@@ -221,7 +221,7 @@ fn same_conv(x: &[f32], wt: &[f32], [n, c, h, w, o, k]: [usize; 6], image: Image
     y.spare_capacity_mut()[..len]
         .par_chunks_mut(o * hw)
         .enumerate()
-        .for_each_init(|| vec![0f32; ckk * hw], |cols, (i, yi)| image(&x[i * c * hw..(i + 1) * c * hw], wt, yi, cols, [c, h, w, o, k]));
+        .for_each_init(|| scratch(ckk * hw), |cols, (i, yi)| image(&x[i * c * hw..(i + 1) * c * hw], wt, yi, cols, [c, h, w, o, k]));
     // SAFETY: the capacity is at least len, and the tasks above wrote all of it (the
     // chunks of o * hw cover 0..len, since len = n * o * hw).
     unsafe { y.set_len(len) };
@@ -232,13 +232,13 @@ fn same_conv(x: &[f32], wt: &[f32], [n, c, h, w, o, k]: [usize; 6], image: Image
 // identical, the build folds them into one symbol, and the gemm call may become a tail
 // call that leaves no frame of either on the stack.
 #[inline(never)]
-fn forward_image(img: &[f32], wt: &[f32], yi: &mut [MaybeUninit<f32>], cols: &mut [f32], dims: [usize; 5]) {
+fn forward_image(img: &[f32], wt: &[f32], yi: &mut [MaybeUninit<f32>], cols: &mut [MaybeUninit<f32>], dims: [usize; 5]) {
     image_conv(img, wt, yi, cols, dims);
     std::hint::black_box("conv forward");
 }
 
 #[inline(never)]
-fn input_grad_image(img: &[f32], wt: &[f32], yi: &mut [MaybeUninit<f32>], cols: &mut [f32], dims: [usize; 5]) {
+fn input_grad_image(img: &[f32], wt: &[f32], yi: &mut [MaybeUninit<f32>], cols: &mut [MaybeUninit<f32>], dims: [usize; 5]) {
     image_conv(img, wt, yi, cols, dims);
     std::hint::black_box("conv input gradient");
 }
@@ -246,13 +246,13 @@ fn input_grad_image(img: &[f32], wt: &[f32], yi: &mut [MaybeUninit<f32>], cols: 
 /// yi [o, h * w] = wt [o, c * k * k] * im2col(img) [c * k * k, h * w], every element
 /// of yi written.
 #[inline(always)]
-fn image_conv(img: &[f32], wt: &[f32], yi: &mut [MaybeUninit<f32>], cols: &mut [f32], [c, h, w, o, k]: [usize; 5]) {
+fn image_conv(img: &[f32], wt: &[f32], yi: &mut [MaybeUninit<f32>], cols: &mut [MaybeUninit<f32>], [c, h, w, o, k]: [usize; 5]) {
     let (hw, ckk) = (h * w, c * k * k);
     assert!(img.len() == c * hw && wt.len() == o * ckk && yi.len() == o * hw && cols.len() == ckk * hw);
     im2col(img, cols, c, h, w, k, (k - 1) / 2);
     // SAFETY: the lengths are checked above and the strides below stay inside them;
-    // with read_dst false, gemm writes every element of yi and reads none
-    // (MaybeUninit<f32> has f32's layout).
+    // with read_dst false, gemm writes every element of yi and reads none; im2col wrote
+    // every element of cols (MaybeUninit<f32> has f32's layout).
     unsafe {
         gemm::gemm(
             o,
@@ -265,7 +265,7 @@ fn image_conv(img: &[f32], wt: &[f32], yi: &mut [MaybeUninit<f32>], cols: &mut [
             wt.as_ptr(),
             1,
             ckk as isize,
-            cols.as_ptr(),
+            cols.as_ptr().cast::<f32>(),
             1,
             hw as isize,
             0.0,
@@ -296,13 +296,13 @@ pub fn weight_grad_f32(x: &[f32], g: &[f32], n: usize, c: usize, h: usize, w: us
         .par_chunks(IMAGES_PER_CHUNK)
         .map(|images| {
             let mut acc = vec![0f32; o * ckk];
-            let mut cols = vec![0f32; ckk * hw];
+            let mut cols = scratch(ckk * hw);
             for &i in images {
                 im2col(&x[i * c * hw..(i + 1) * c * hw], &mut cols, c, h, w, k, p);
                 let gi = &g[i * o * hw..(i + 1) * o * hw];
                 // acc[o, ckk] += gi[o, hw] * cols[ckk, hw]^T
                 // SAFETY: the three buffers hold exactly o*hw, ckk*hw and o*ckk floats,
-                // and the strides below stay inside them.
+                // and the strides below stay inside them; im2col wrote all of cols.
                 unsafe {
                     gemm::gemm(
                         o,
@@ -315,7 +315,7 @@ pub fn weight_grad_f32(x: &[f32], g: &[f32], n: usize, c: usize, h: usize, w: us
                         gi.as_ptr(),
                         1,
                         hw as isize,
-                        cols.as_ptr(),
+                        cols.as_ptr().cast::<f32>(),
                         hw as isize,
                         1,
                         1.0,
@@ -339,12 +339,22 @@ pub fn weight_grad_f32(x: &[f32], g: &[f32], n: usize, c: usize, h: usize, w: us
     total
 }
 
-/// cols[(c, ky, kx), (y, x)] = img[c, y + ky - p, x + kx - p], zero outside.
+/// An im2col buffer: not zero-filled, since [`im2col`] writes every element (the zero
+/// fill of each task's buffer was 2% of the CNN's training step).
+fn scratch(len: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialisation, and the capacity is len.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// cols[(c, ky, kx), (y, x)] = img[c, y + ky - p, x + kx - p], zero outside; every
+/// element of cols written.
 ///
 /// Each row of `cols` is its plane shifted by (ky - p) * w + (kx - p) elements: one
 /// bulk copy, then the rows and columns that fell off an edge are zeroed. (Copying row
 /// by row, 7 to 28 floats at a time, was a fifth of the CNN's training step, perf.)
-fn im2col(img: &[f32], cols: &mut [f32], c: usize, h: usize, w: usize, k: usize, p: usize) {
+fn im2col(img: &[f32], cols: &mut [MaybeUninit<f32>], c: usize, h: usize, w: usize, k: usize, p: usize) {
     let hw = h * w;
     for ci in 0..c {
         let plane = &img[ci * hw..(ci + 1) * hw];
@@ -356,7 +366,7 @@ fn im2col(img: &[f32], cols: &mut [f32], c: usize, h: usize, w: usize, k: usize,
                 let (y0, y1) = (dy.min(0).unsigned_abs(), (h as isize - dy.max(0)).max(0) as usize);
                 let (x0, x1) = (dx.min(0).unsigned_abs(), (w as isize - dx.max(0)).max(0) as usize);
                 if y0 >= y1 || x0 >= x1 {
-                    row.fill(0.0);
+                    row.fill(MaybeUninit::new(0.0));
                     continue;
                 }
                 // Destination span from (y0, 0) to (y1, 0): every element in it reads
@@ -364,9 +374,9 @@ fn im2col(img: &[f32], cols: &mut [f32], c: usize, h: usize, w: usize, k: usize,
                 let (first, last) = (y0 * w + x0, (y1 - 1) * w + x1);
                 let shift = dy * w as isize + dx;
                 let src = (first as isize + shift) as usize;
-                row[first..last].copy_from_slice(&plane[src..src + (last - first)]);
-                row[..first].fill(0.0);
-                row[last..].fill(0.0);
+                row[first..last].write_copy_of_slice(&plane[src..src + (last - first)]);
+                row[..first].fill(MaybeUninit::new(0.0));
+                row[last..].fill(MaybeUninit::new(0.0));
                 // The bulk copy wrapped around the left and right edges; zero those columns.
                 // At most p floats a side: stored one by one, as volatile stores, because
                 // LLVM turns a zeroing loop (or `fill`) into a call to memset, and these
@@ -375,8 +385,8 @@ fn im2col(img: &[f32], cols: &mut [f32], c: usize, h: usize, w: usize, k: usize,
                     for y in y0..y1 {
                         let (left, rest) = row[y * w..(y + 1) * w].split_at_mut(x0);
                         for v in left.iter_mut().chain(rest[x1 - x0..].iter_mut()) {
-                            // SAFETY: v is a valid, aligned &mut f32.
-                            unsafe { std::ptr::write_volatile(v, 0.0) };
+                            // SAFETY: v is a valid, aligned place for an f32.
+                            unsafe { std::ptr::write_volatile(v.as_mut_ptr(), 0.0) };
                         }
                     }
                 }
@@ -630,8 +640,10 @@ mod tests {
         for (c, h, w, k) in [(2, 5, 7, 3), (1, 1, 1, 3), (3, 2, 2, 5), (1, 4, 1, 3), (2, 6, 6, 1), (1, 3, 9, 7)] {
             let p = (k - 1) / 2;
             let img: Vec<f32> = (0..c * h * w).map(|i| i as f32 + 1.0).collect();
-            let mut cols = vec![f32::NAN; c * k * k * h * w];
+            let mut cols = vec![MaybeUninit::new(f32::NAN); c * k * k * h * w];
             im2col(&img, &mut cols, c, h, w, k, p);
+            // SAFETY: every element was initialised (NaN, then im2col's writes).
+            let cols: Vec<f32> = cols.into_iter().map(|v| unsafe { v.assume_init() }).collect();
             for ci in 0..c {
                 for ky in 0..k {
                     for kx in 0..k {

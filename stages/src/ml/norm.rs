@@ -192,7 +192,8 @@ pub mod reference {
 /// passes run one task per plane. So every result is independent of the thread count.
 pub mod cpu {
     use super::*;
-    use crate::ml::cpu::{CpuTensors, zeros};
+    use crate::ml::cpu::{CpuTensors, filled};
+    use std::mem::MaybeUninit;
     use rayon::prelude::*;
 
     fn dims<B: Backend>(x: &FloatTensor<B>) -> [usize; 4] {
@@ -225,9 +226,9 @@ pub mod cpu {
 
     crate::widest_fn! {
         /// One plane of the forward: max(0, x * scale + shift).
-        fn scale_shift_relu_plane(out: &mut [f32], xs: &[f32], scale: f32, shift: f32) {
+        fn scale_shift_relu_plane(out: &mut [MaybeUninit<f32>], xs: &[f32], scale: f32, shift: f32) {
             for (o, v) in out.iter_mut().zip(xs) {
-                *o = (v * scale + shift).max(0.0);
+                o.write((v * scale + shift).max(0.0));
             }
         }
     }
@@ -253,11 +254,11 @@ pub mod cpu {
 
     crate::widest_fn! {
         /// dx = gamma * rstd * (g' - mean(g') - x_hat * mean(g' * x_hat)) on one plane.
-        fn input_grad_plane(out: &mut [f32], xs: &[f32], dy: &[f32], k: Channel, factor: f32, mean_g: f32, mean_gx: f32) {
+        fn input_grad_plane(out: &mut [MaybeUninit<f32>], xs: &[f32], dy: &[f32], k: Channel, factor: f32, mean_g: f32, mean_gx: f32) {
             for ((o, x), dy) in out.iter_mut().zip(xs).zip(dy) {
                 let x_hat = (x - k.mean) * k.rstd;
                 let g = if x * k.scale + k.shift > 0.0 { *dy } else { 0.0 };
-                *o = factor * (g - mean_g - x_hat * mean_gx);
+                o.write(factor * (g - mean_g - x_hat * mean_gx));
             }
         }
     }
@@ -285,13 +286,12 @@ pub mod cpu {
 
     /// max(0, x * scale + shift) with the per-channel scale and shift, planes in parallel.
     fn apply(xs: &[f32], scale: &[f32], shift: &[f32], c: usize, hw: usize) -> Vec<f32> {
-        let mut y = zeros(xs.len());
-        if hw > 0 {
-            y.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
-                scale_shift_relu_plane(out, &xs[plane * hw..][..hw], scale[plane % c], shift[plane % c]);
-            });
+        if hw == 0 {
+            return Vec::new();
         }
-        y
+        // SAFETY: the chunks are whole planes of hw floats (xs.len() is a multiple of
+        // hw), and scale_shift_relu_plane writes every element of its plane.
+        unsafe { filled(xs.len(), hw, |plane, out| scale_shift_relu_plane(out, &xs[plane * hw..][..hw], scale[plane % c], shift[plane % c])) }
     }
 
     pub fn scale_shift_relu<B: CpuTensors>(x: FloatTensor<B>, scale: FloatTensor<B>, shift: FloatTensor<B>) -> FloatTensor<B> {
@@ -336,14 +336,19 @@ pub mod cpu {
                 });
                 let dbeta: Vec<f32> = sums_of.iter().map(|(s, _)| *s as f32).collect();
                 let dgamma: Vec<f32> = sums_of.iter().map(|(_, q)| *q as f32).collect();
-                let mut dx = zeros(xs.len());
-                if hw > 0 {
-                    dx.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
-                        let ci = plane % c;
-                        let (k, mb, mg) = (gamma_v[ci] * rstd[ci], dbeta[ci] / count, dgamma[ci] / count);
-                        input_grad_plane(out, &xs[plane * hw..][..hw], &gs[plane * hw..][..hw], channel(ci), k, mb, mg);
-                    });
-                }
+                // SAFETY: the chunks are whole planes of hw floats, and input_grad_plane
+                // writes every element of its plane (xs and gs have as many).
+                let dx = if hw == 0 {
+                    Vec::new()
+                } else {
+                    unsafe {
+                        filled(xs.len(), hw, |plane, out| {
+                            let ci = plane % c;
+                            let (k, mb, mg) = (gamma_v[ci] * rstd[ci], dbeta[ci] / count, dgamma[ci] / count);
+                            input_grad_plane(out, &xs[plane * hw..][..hw], &gs[plane * hw..][..hw], channel(ci), k, mb, mg);
+                        })
+                    }
+                };
                 (dx, dgamma, dbeta)
             })
         });
@@ -446,8 +451,9 @@ pub mod layer_reference {
 /// result depends on the thread count.
 pub mod layer_cpu {
     use super::*;
-    use crate::ml::cpu::{CpuTensors, zeros};
+    use crate::ml::cpu::CpuTensors;
     use rayon::prelude::*;
+    use std::mem::MaybeUninit;
 
     /// Rows per task and per partial sum of the parameter gradients.
     const ROWS_PER_CHUNK: usize = 32;
@@ -475,7 +481,7 @@ pub mod layer_cpu {
 
     crate::widest_fn! {
         /// One chunk of rows: y, and each row's mean and 1 / std.
-        fn forward_rows(ys: &mut [f32], ms: &mut [f32], rs: &mut [f32], xs: &[f32], gamma: &[f32], beta: &[f32], epsilon: f32) {
+        fn forward_rows(ys: &mut [MaybeUninit<f32>], ms: &mut [f32], rs: &mut [f32], xs: &[f32], gamma: &[f32], beta: &[f32], epsilon: f32) {
             let d = gamma.len();
             let mut centred = vec![0f32; d];
             let mut sq = vec![0f32; d];
@@ -489,7 +495,7 @@ pub mod layer_cpu {
                 }
                 *rstd = 1.0 / (sum(&sq) / d as f32 + epsilon).sqrt();
                 for ((o, c), (g, b)) in yr.iter_mut().zip(&centred).zip(gamma.iter().zip(beta)) {
-                    *o = c * *rstd * g + b;
+                    o.write(c * *rstd * g + b);
                 }
             }
         }
@@ -498,7 +504,7 @@ pub mod layer_cpu {
     crate::widest_fn! {
         /// One chunk of rows of the backward: dx, and the chunk's partial sums of the
         /// gamma and beta gradients.
-        fn backward_rows(dxs: &mut [f32], xs: &[f32], gs: &[f32], mean: &[f32], rstd: &[f32], gamma: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        fn backward_rows(dxs: &mut [MaybeUninit<f32>], xs: &[f32], gs: &[f32], mean: &[f32], rstd: &[f32], gamma: &[f32]) -> (Vec<f32>, Vec<f32>) {
             let d = gamma.len();
             let (mut dgamma, mut dbeta) = (vec![0f32; d], vec![0f32; d]);
             let (mut x_hat, mut g, mut gx) = (vec![0f32; d], vec![0f32; d], vec![0f32; d]);
@@ -515,7 +521,7 @@ pub mod layer_cpu {
                 }
                 let mean_gx = sum(&gx) / d as f32;
                 for i in 0..d {
-                    out[i] = rs * (g[i] - mean_g - x_hat[i] * mean_gx);
+                    out[i].write(rs * (g[i] - mean_g - x_hat[i] * mean_gx));
                 }
             }
             (dgamma, dbeta)
@@ -526,11 +532,13 @@ pub mod layer_cpu {
         let [rows, d] = dims::<B>(&x);
         let (gamma_v, beta_v) = (B::with_f32(&gamma, |s| s.to_vec()), B::with_f32(&beta, |s| s.to_vec()));
         let (y, mean, rstd) = B::with_f32(&x, |xs| {
-            let mut y = zeros(rows * d);
+            let len = rows * d;
+            let mut y: Vec<f32> = Vec::with_capacity(len);
             let mut mean = vec![0f32; rows];
             let mut rstd = vec![0f32; rows];
             if d > 0 {
-                y.par_chunks_mut(ROWS_PER_CHUNK * d)
+                y.spare_capacity_mut()[..len]
+                    .par_chunks_mut(ROWS_PER_CHUNK * d)
                     .zip(mean.par_chunks_mut(ROWS_PER_CHUNK))
                     .zip(rstd.par_chunks_mut(ROWS_PER_CHUNK))
                     .enumerate()
@@ -539,6 +547,9 @@ pub mod layer_cpu {
                         forward_rows(ys, ms, rs, xs, &gamma_v, &beta_v, epsilon as f32);
                     });
             }
+            // SAFETY: the capacity is at least len; with d > 0 the chunks above cover
+            // 0..len and forward_rows writes every element of its rows (len is 0 else).
+            unsafe { y.set_len(len) };
             (y, mean, rstd)
         });
         [B::from_f32(y, &[rows, d], &x), B::from_f32(mean, &[rows], &x), B::from_f32(rstd, &[rows], &x)]
@@ -551,11 +562,13 @@ pub mod layer_cpu {
         let (gamma_v, mean_v, rstd_v) = (read(&gamma), read(&mean), read(&rstd));
         let (dx, dgamma, dbeta) = B::with_f32(&x, |xs| {
             B::with_f32(&grad, |gs| {
-                let mut dx = zeros(rows * d);
+                let len = rows * d;
+                let mut dx: Vec<f32> = Vec::with_capacity(len);
                 let partials: Vec<(Vec<f32>, Vec<f32>)> = if d == 0 {
                     Vec::new()
                 } else {
-                    dx.par_chunks_mut(ROWS_PER_CHUNK * d)
+                    dx.spare_capacity_mut()[..len]
+                        .par_chunks_mut(ROWS_PER_CHUNK * d)
                         .enumerate()
                         .map(|(chunk, dxs)| {
                             let (first, n) = (chunk * ROWS_PER_CHUNK, dxs.len() / d);
@@ -564,6 +577,8 @@ pub mod layer_cpu {
                         })
                         .collect()
                 };
+                // SAFETY: as in the forward, backward_rows wrote every element of 0..len.
+                unsafe { dx.set_len(len) };
                 let (mut dgamma, mut dbeta) = (vec![0f32; d], vec![0f32; d]);
                 for (pg, pb) in partials {
                     for i in 0..d {

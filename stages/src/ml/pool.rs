@@ -54,7 +54,7 @@ pub mod reference {
 /// The op on the CPU backends: planes in parallel, each by one task.
 pub mod cpu {
     use super::*;
-    use crate::ml::cpu::{CpuTensors, zeros};
+    use crate::ml::cpu::{CpuTensors, filled, zeros};
     use burn::tensor::TensorMetadata;
     use rayon::prelude::*;
 
@@ -81,18 +81,26 @@ pub mod cpu {
         let [n, c, h, w] = x.shape().dims::<4>();
         let (oh, ow) = (h / 2, w / 2);
         let y = B::with_f32(&x, |xs| {
-            let mut y = zeros(n * c * oh * ow);
-            if oh * ow > 0 {
-                y.par_chunks_mut(oh * ow).with_min_len(min_planes(oh * ow)).enumerate().for_each(|(plane, out)| {
-                    let p = &xs[plane * h * w..][..h * w];
-                    for oy in 0..oh {
-                        for ox in 0..ow {
-                            out[oy * ow + ox] = p[winner(p, w, oy, ox)];
+            if oh * ow == 0 {
+                return Vec::new();
+            }
+            // Planes per task as for the gradient below; each output element written once.
+            let planes = min_planes(oh * ow);
+            // SAFETY: each chunk is `planes` whole output planes (the last may have fewer),
+            // and the loops below write every element of each.
+            unsafe {
+                filled(n * c * oh * ow, planes * oh * ow, |chunk, out| {
+                    for (i, out) in out.chunks_mut(oh * ow).enumerate() {
+                        let plane = chunk * planes + i;
+                        let p = &xs[plane * h * w..][..h * w];
+                        for oy in 0..oh {
+                            for ox in 0..ow {
+                                out[oy * ow + ox].write(p[winner(p, w, oy, ox)]);
+                            }
                         }
                     }
-                });
+                })
             }
-            y
         });
         B::from_f32(y, &[n, c, oh, ow], &x)
     }
