@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::conv::conv_same;
 use super::kernels::KernelBackend;
 use super::norm::BatchNorm2d;
-use super::pool::max_pool_2x2;
+use super::pool::{global_mean, max_pool_2x2};
 
 /// Sizes of the CNN (stored in the model config JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,7 +95,6 @@ impl<B: KernelBackend> Cnn<B> {
                 x = max_pool_2x2(x);
             }
         }
-        let [n, c, _, _] = x.dims();
-        x.mean_dims(&[2, 3]).reshape([n, c])
+        global_mean(x)
     }
 }

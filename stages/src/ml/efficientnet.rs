@@ -285,9 +285,7 @@ impl<B: KernelBackend> EfficientNet<B> {
 
     /// [N, 1 or 3, H, W] -> features [N, 1280] (global average pool).
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let y = self.feature_map(x);
-        let [n, c, _, _] = y.dims();
-        y.mean_dims(&[2, 3]).reshape([n, c])
+        super::pool::global_mean(self.feature_map(x))
     }
 }
 

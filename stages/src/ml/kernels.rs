@@ -128,6 +128,16 @@ pub trait KernelBackend: Backend {
         pool::reference::backward::<Self>(x, grad)
     }
 
+    /// The mean of each plane ([`pool::global_mean`]).
+    fn global_mean(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        pool::reference::global_mean::<Self>(x)
+    }
+
+    /// The gradient of `global_mean`, for an input of `shape`.
+    fn global_mean_backward(grad: FloatTensor<Self>, shape: [usize; 4]) -> FloatTensor<Self> {
+        pool::reference::global_mean_backward::<Self>(grad, shape)
+    }
+
     /// GELU with erf ([`activation::gelu`]).
     fn gelu_exact(x: FloatTensor<Self>) -> FloatTensor<Self> {
         activation::reference::forward::<Self>(x)
@@ -238,6 +248,9 @@ macro_rules! cpu_kernel_backend {
             fn max_pool_2x2_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
                 pool::cpu::backward::<Self>(x, grad)
             }
+            fn global_mean_backward(grad: FloatTensor<Self>, shape: [usize; 4]) -> FloatTensor<Self> {
+                pool::cpu::global_mean_backward::<Self>(grad, shape)
+            }
             fn gelu_exact(x: FloatTensor<Self>) -> FloatTensor<Self> {
                 activation::cpu::forward::<Self>(x)
             }
@@ -338,6 +351,15 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
                 prep.finish(x.primitive, y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::max_pool_2x2(x.primitive)),
+        }
+    }
+
+    fn global_mean(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let shape = burn::tensor::TensorMetadata::shape(&x.primitive).dims::<4>();
+        let out = B::global_mean(x.primitive);
+        match (pool::GlobalMeanBackward { shape }).prepare::<C>([x.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
 

@@ -1,4 +1,5 @@
-//! 2x2 max pooling with stride 2 (the CNN's, between stages) as one op.
+//! 2x2 max pooling with stride 2 (the CNN's, between stages) as one op, and the global
+//! average pooling that ends the CNN and EfficientNet ([`global_mean`]).
 //!
 //! Why: flex pools through a general 3-D kernel that keeps an index per output and
 //! scatters the gradient back through those indices; in the CNN's training step that
@@ -37,9 +38,42 @@ impl<B: KernelBackend> Backward<B, 1> for MaxPoolBackward {
     }
 }
 
+/// [N, C, H, W] -> [N, C], the mean of each plane: burn's `mean_dims(&[2, 3])` (so the
+/// forward is the backend's own `mean_dim`, twice). Its own op for the backward: burn
+/// differentiates each `mean_dim` by multiplying a tensor of ones by 1 / size and then
+/// by the gradient broadcast over the plane, which flex runs through its strided
+/// element iterator on one thread (4% of the CNN's training step, with the other core
+/// waiting). The CPU kernel computes the same products and sums, plane by plane in
+/// parallel: burn's bits (tested, zeros of both signs included).
+pub fn global_mean<B: KernelBackend>(x: Tensor<B, 4>) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::global_mean(x.into_primitive().tensor())))
+}
+
+#[derive(Debug)]
+pub(crate) struct GlobalMeanBackward {
+    pub shape: [usize; 4],
+}
+
+impl<B: KernelBackend> Backward<B, 1> for GlobalMeanBackward {
+    type State = ();
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        if let [Some(node)] = ops.parents {
+            grads.register::<B>(node.id, B::global_mean_backward(grad, self.shape));
+        }
+    }
+}
+
+/// The reciprocal burn's `mean_dim` backward scales by, as the f32 it becomes.
+fn reciprocal(size: usize) -> f32 {
+    (1.0 / size as f64) as f32
+}
+
 /// The op in burn's own ops (GPU backends, and the tests' reference).
 pub mod reference {
     use super::*;
+    use burn::tensor::TensorMetadata;
 
     pub fn forward<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
         B::max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false)
@@ -48,6 +82,23 @@ pub mod reference {
     pub fn backward<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
         let indices = B::max_pool2d_with_indices(x.clone(), [2, 2], [2, 2], [0, 0], [1, 1], false).indices;
         B::max_pool2d_with_indices_backward(x, [2, 2], [2, 2], [0, 0], [1, 1], false, grad, indices).x_grad
+    }
+
+    pub fn global_mean<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+        let [n, c, _, _] = x.shape().dims::<4>();
+        B::float_reshape(B::float_mean_dim(B::float_mean_dim(x, 2), 3), [n, c].into())
+    }
+
+    /// burn's backward of `mean_dim(2)` then `mean_dim(3)`, run in reverse: each is
+    /// (ones * 1 / size) * the gradient summed over that (size-1) dimension, broadcast.
+    pub fn global_mean_backward<B: Backend>(grad: FloatTensor<B>, [n, c, h, w]: [usize; 4]) -> FloatTensor<B> {
+        let device = B::float_device(&grad);
+        let dtype = grad.dtype();
+        let g = B::float_reshape(grad, [n, c, 1, 1].into());
+        let scale_w = B::float_mul_scalar(B::float_ones([n, c, 1, w].into(), &device, dtype.into()), reciprocal(w).into());
+        let g = B::float_mul(scale_w, B::float_sum_dim(g, 3));
+        let scale_h = B::float_mul_scalar(B::float_ones([n, c, h, w].into(), &device, dtype.into()), reciprocal(h).into());
+        B::float_mul(scale_h, B::float_sum_dim(g, 2))
     }
 }
 
@@ -127,6 +178,31 @@ pub mod cpu {
         });
         B::from_f32(dx, &[n, c, h, w], &x)
     }
+
+    /// Each plane of the input gradient is one value, (1 / H) * (0 + (1 / W) * (0 + g)):
+    /// the zeros are burn's sums over a dimension of size 1, which turn -0.0 into 0.0.
+    pub fn global_mean_backward<B: CpuTensors>(grad: FloatTensor<B>, [n, c, h, w]: [usize; 4]) -> FloatTensor<B> {
+        let (sh, sw) = (reciprocal(h), reciprocal(w));
+        let hw = h * w;
+        let dx = B::with_f32(&grad, |gs| {
+            assert_eq!(gs.len(), n * c, "global mean: the gradient is [n, c]");
+            if hw == 0 {
+                return Vec::new();
+            }
+            let planes = min_planes(hw);
+            // SAFETY: each chunk is `planes` whole planes (the last may have fewer), and
+            // every element of each is written.
+            unsafe {
+                filled(n * c * hw, planes * hw, |chunk, out| {
+                    for (i, plane) in out.chunks_mut(hw).enumerate() {
+                        let v = sh * (0.0 + sw * (0.0 + gs[chunk * planes + i]));
+                        plane.fill(std::mem::MaybeUninit::new(v));
+                    }
+                })
+            }
+        });
+        B::from_f32(dx, &[n, c, h, w], &grad)
+    }
 }
 
 #[cfg(test)]
@@ -159,6 +235,34 @@ mod tests {
             let g = Tensor::<Flex, 4>::from_data(TensorData::new(g, [n, c, h / 2, w / 2]), &d).into_primitive().tensor();
             assert_eq!(flat(cpu::forward::<Flex>(x.clone())), flat(reference::forward::<Flex>(x.clone())), "forward {n}x{c}x{h}x{w}");
             assert_eq!(flat(cpu::backward::<Flex>(x.clone(), g.clone())), flat(reference::backward::<Flex>(x, g)), "backward {n}x{c}x{h}x{w}");
+        }
+    }
+
+    /// The global mean is burn's `mean_dims(&[2, 3])` bit for bit, values and input
+    /// gradients (under autodiff, with a gradient holding zeros of both signs), and the
+    /// CPU backward is the reference backward's bits.
+    #[test]
+    fn global_mean_matches_burns_mean_dims_bit_for_bit() {
+        type AD = burn::backend::Autodiff<Flex>;
+        let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        let d = Default::default();
+        for [n, c, h, w] in [[2, 3, 7, 7], [1, 2, 3, 5], [3, 1, 1, 1], [2, 4, 6, 4]] {
+            let vals: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 7919) % 97) as f32 * 0.37 - 11.0).collect();
+            let weights: Vec<f32> = (0..n * c).map(|i| if i % 4 == 0 { -0.0 } else { i as f32 * 0.3 - 1.1 }).collect();
+            let run = |ours: bool| {
+                let x = Tensor::<AD, 4>::from_data(TensorData::new(vals.clone(), [n, c, h, w]), &d).require_grad();
+                let y = if ours { global_mean(x.clone()) } else { x.clone().mean_dims(&[2, 3]).reshape([n, c]) };
+                let grads = (y.clone() * Tensor::<AD, 2>::from_data(TensorData::new(weights.clone(), [n, c]), &d)).sum().backward();
+                let dx = x.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+                (bits(y.into_data().to_vec::<f32>().unwrap()), bits(dx))
+            };
+            assert_eq!(run(true), run(false), "{n}x{c}x{h}x{w}");
+            let g = Tensor::<Flex, 2>::from_data(TensorData::new(weights.clone(), [n, c]), &d).into_primitive().tensor();
+            assert_eq!(
+                flat(cpu::global_mean_backward::<Flex>(g.clone(), [n, c, h, w])),
+                flat(reference::global_mean_backward::<Flex>(g, [n, c, h, w])),
+                "backward {n}x{c}x{h}x{w}"
+            );
         }
     }
 }
