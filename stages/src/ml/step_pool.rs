@@ -12,7 +12,7 @@
 //! core to the loader's threads. Left to rayon, a worker spins a few rounds and then
 //! sleeps, so the serial work between two kernels (burn's autodiff bookkeeping, flex's
 //! one-thread element-wise ops) put it to sleep and the next kernel's loop started
-//! without it (ViT training +9%, measured against the same build with the wait off).
+//! without it (ViT training +8%, measured against the same build with the wait off).
 //!
 //! The wait gives up after [`GIVE_UP`] without a task. rayon may hand a worker its part
 //! of the step's broadcast while that worker waits inside one of the step's own tasks
@@ -186,14 +186,23 @@ mod tests {
         });
     }
 
+    /// `f`'s result, run on a thread of its own: a hang fails the test with `what` after
+    /// `seconds` instead of blocking the test binary.
+    fn ends_within<T: Send + 'static>(seconds: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(seconds)).expect(what)
+    }
+
     /// A step that panics ends its run's step instead of leaving the other workers
     /// waiting for it: the panic reaches the caller, and the pool takes the next step.
     #[test]
     fn a_panicking_step_reaches_the_caller_and_the_pool_goes_on() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let outcome = ends_within(60, "the pool hung after a panicking step", || {
             let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
-            let outcome = three.install(|| {
+            three.install(|| {
                 let pool = StepPool::new().unwrap();
                 let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     pool.run(|| {
@@ -203,10 +212,9 @@ mod tests {
                 }))
                 .is_err();
                 (panicked, pool.run(|| 7))
-            });
-            let _ = tx.send(outcome);
+            })
         });
-        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the pool hung after a panicking step"), (true, 7));
+        assert_eq!(outcome, (true, 7));
     }
 
     /// A worker handed the wait inside one of the step's own tasks (so the step cannot
@@ -214,14 +222,11 @@ mod tests {
     /// no task comes (it waited for the step's end alone once, and a CI run hung).
     #[test]
     fn a_wait_inside_a_task_the_step_waits_for_ends() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        ends_within(60, "a wait whose step cannot end never returned", || {
             let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
             let never = AtomicBool::new(false);
             two.install(|| take_tasks_until(&never));
-            let _ = tx.send(());
         });
-        rx.recv_timeout(std::time::Duration::from_secs(60)).expect("a wait whose step cannot end never returned");
     }
 
     /// A step whose parallel tasks start parallel loops of their own (a convolution's
@@ -229,10 +234,9 @@ mod tests {
     /// serial loop gives.
     #[test]
     fn a_step_whose_tasks_nest_parallel_loops_ends() {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let total = ends_within(120, "a step hung", || {
             let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-            let total = two.install(|| {
+            two.install(|| {
                 let pool = StepPool::new().unwrap();
                 (0..2000u64)
                     .map(|step| {
@@ -244,13 +248,12 @@ mod tests {
                         })
                     })
                     .fold(0u64, u64::wrapping_add)
-            });
-            let _ = tx.send(total);
+            })
         });
         let expected: u64 = (0..2000u64)
             .map(|step| (0..8u64).map(|chunk| (0..2000u64).map(|i| i ^ chunk ^ step).sum::<u64>()).sum::<u64>())
             .fold(0, u64::wrapping_add);
-        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(120)).expect("a step hung"), expected);
+        assert_eq!(total, expected);
     }
 
     /// A run started inside a pool of n threads steps on n threads, so whoever sizes the
