@@ -14,7 +14,8 @@
 //! convolution whose kernel is the whole output gradient: 57 ms for [64, 32, 28, 28]):
 //! per chunk of images, im2col and one gemm per image accumulate into the chunk's sum;
 //! chunks are fixed-size and summed in order, so the result does not depend on the
-//! thread count.
+//! thread count. That product runs transposed, dW^T = im2col(x) * dY^T, with each
+//! image's dY transposed first (same products, same order, same bits; faster in gemm).
 //!
 //! EfficientNet's depthwise convolutions (one 3x3 or 5x5 filter per channel, stride 1
 //! or 2, TF "SAME" padding that may be uneven): burn's grouped conv2d backward on flex
@@ -287,6 +288,12 @@ pub(crate) fn cpu_weight_grad<B: CpuTensors>(x: FloatTensor<B>, weight: FloatTen
 }
 
 /// dW [o, c*k*k] for x [n, c, h, w], g [n, o, h, w], padding (k-1)/2, stride 1.
+///
+/// Computed transposed, dW^T [c*k*k, o] = sum over images of im2col(x) [c*k*k, h*w] *
+/// g^T [h*w, o], each image's gradient transposed first: gemm runs this form at 1.2x to
+/// 4x the speed of dW = g * im2col(x)^T at the CNN's shapes (it packs the row-major
+/// g of the other form, per call, with a gather; 4.5% of the CNN's training step), and
+/// the products and the order of their sums over (n, y, x) are the same, so are the bits.
 #[allow(clippy::too_many_arguments)]
 pub fn weight_grad_f32(x: &[f32], g: &[f32], n: usize, c: usize, h: usize, w: usize, o: usize, k: usize) -> Vec<f32> {
     let p = (k - 1) / 2;
@@ -295,29 +302,31 @@ pub fn weight_grad_f32(x: &[f32], g: &[f32], n: usize, c: usize, h: usize, w: us
         .collect::<Vec<_>>()
         .par_chunks(IMAGES_PER_CHUNK)
         .map(|images| {
-            let mut acc = vec![0f32; o * ckk];
+            let mut acc = vec![0f32; ckk * o];
             let mut cols = scratch(ckk * hw);
+            let mut gt = scratch(hw * o);
             for &i in images {
                 im2col(&x[i * c * hw..(i + 1) * c * hw], &mut cols, c, h, w, k, p);
-                let gi = &g[i * o * hw..(i + 1) * o * hw];
-                // acc[o, ckk] += gi[o, hw] * cols[ckk, hw]^T
-                // SAFETY: the three buffers hold exactly o*hw, ckk*hw and o*ckk floats,
-                // and the strides below stay inside them; im2col wrote all of cols.
+                transpose(&g[i * o * hw..(i + 1) * o * hw], &mut gt, o, hw);
+                // acc[ckk, o] += cols[ckk, hw] * gt[hw, o]
+                // SAFETY: the three buffers hold exactly ckk*hw, hw*o and ckk*o floats,
+                // and the strides below stay inside them; im2col and transpose wrote all
+                // of cols and gt.
                 unsafe {
                     gemm::gemm(
-                        o,
                         ckk,
+                        o,
                         hw,
                         acc.as_mut_ptr(),
                         1,
-                        ckk as isize,
+                        o as isize,
                         true,
-                        gi.as_ptr(),
-                        1,
-                        hw as isize,
                         cols.as_ptr().cast::<f32>(),
-                        hw as isize,
                         1,
+                        hw as isize,
+                        gt.as_ptr().cast::<f32>(),
+                        1,
+                        o as isize,
                         1.0,
                         1.0,
                         false,
@@ -330,13 +339,55 @@ pub fn weight_grad_f32(x: &[f32], g: &[f32], n: usize, c: usize, h: usize, w: us
             acc
         })
         .collect();
-    let mut total = vec![0f32; o * ckk];
+    let mut total = vec![0f32; ckk * o];
     for part in partials {
         for (t, v) in total.iter_mut().zip(part) {
             *t += v;
         }
     }
-    total
+    let mut dw: Vec<f32> = Vec::with_capacity(o * ckk);
+    transpose(&total, &mut dw.spare_capacity_mut()[..o * ckk], ckk, o);
+    // SAFETY: the capacity is at least o * ckk, and transpose wrote all of it.
+    unsafe { dw.set_len(o * ckk) };
+    dw
+}
+
+/// dst [cols, rows] = src [rows, cols]^T, every element of dst written: 8 x 8 tiles
+/// through registers (the compiler turns each tile into shuffles), scalar at the edges.
+fn transpose(src: &[f32], dst: &mut [MaybeUninit<f32>], rows: usize, cols: usize) {
+    assert!(src.len() == rows * cols && dst.len() == rows * cols);
+    transpose_tiles(src, dst, rows, cols);
+}
+
+crate::widest_fn! {
+    fn transpose_tiles(src: &[f32], dst: &mut [MaybeUninit<f32>], rows: usize, cols: usize) {
+        const T: usize = 8;
+        let (full_r, full_c) = (rows / T * T, cols / T * T);
+        for r0 in (0..full_r).step_by(T) {
+            for c0 in (0..full_c).step_by(T) {
+                let mut tile = [[0f32; T]; T];
+                for (r, row) in tile.iter_mut().enumerate() {
+                    row.copy_from_slice(&src[(r0 + r) * cols + c0..][..T]);
+                }
+                for c in 0..T {
+                    let out = &mut dst[(c0 + c) * rows + r0..][..T];
+                    for r in 0..T {
+                        out[r] = MaybeUninit::new(tile[r][c]);
+                    }
+                }
+            }
+            for r in r0..r0 + T {
+                for c in full_c..cols {
+                    dst[c * rows + r] = MaybeUninit::new(src[r * cols + c]);
+                }
+            }
+        }
+        for r in full_r..rows {
+            for c in 0..cols {
+                dst[c * rows + r] = MaybeUninit::new(src[r * cols + c]);
+            }
+        }
+    }
 }
 
 /// An im2col buffer: not zero-filled, since [`im2col`] writes every element (the zero
@@ -631,6 +682,57 @@ mod tests {
 
     fn v<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
         t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    /// The transpose writes every element to its place, full tiles and edges alike.
+    #[test]
+    fn transpose_matches_its_definition() {
+        for (rows, cols) in [(1, 1), (1, 9), (9, 1), (8, 8), (13, 21), (16, 24), (32, 784), (7, 49)] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let mut dst = vec![MaybeUninit::new(f32::NAN); rows * cols];
+            transpose(&src, &mut dst, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    // SAFETY: every element was initialised (NaN, then transpose's writes).
+                    assert_eq!(unsafe { dst[c * rows + r].assume_init() }, src[r * cols + c], "{rows}x{cols} at ({r}, {c})");
+                }
+            }
+        }
+    }
+
+    /// The weight gradient computed transposed (dW^T = im2col(x) * g^T) has the bits of
+    /// dW = g * im2col(x)^T, the form the determinism pipelines' figures were made with:
+    /// the same products, summed in the same order. Shapes of the CNN's layers, spatial
+    /// sizes past gemm's depth blocks (28 x 28 = 784 > 512), an uneven last chunk.
+    #[test]
+    fn weight_gradient_has_the_bits_of_the_untransposed_product() {
+        fn untransposed(x: &[f32], g: &[f32], [n, c, h, w, o, k]: [usize; 6]) -> Vec<f32> {
+            let (hw, ckk) = (h * w, c * k * k);
+            let mut total = vec![0f32; o * ckk];
+            for images in (0..n).collect::<Vec<_>>().chunks(IMAGES_PER_CHUNK) {
+                let mut acc = vec![0f32; o * ckk];
+                let mut cols = scratch(ckk * hw);
+                for &i in images {
+                    im2col(&x[i * c * hw..(i + 1) * c * hw], &mut cols, c, h, w, k, (k - 1) / 2);
+                    // SAFETY: im2col wrote every element of cols.
+                    let cols: Vec<f32> = cols.iter().map(|v| unsafe { v.assume_init() }).collect();
+                    let (gi, row, col) = (&g[i * o * hw..(i + 1) * o * hw], View { offset: 0, rs: hw, cs: 1 }, View { offset: 0, rs: 1, cs: hw });
+                    crate::ml::cpu::mm(&mut acc, View { offset: 0, rs: ckk, cs: 1 }, gi, row, &cols, col, o, ckk, hw, 1.0, true);
+                }
+                for (t, v) in total.iter_mut().zip(acc) {
+                    *t += v;
+                }
+            }
+            total
+        }
+        use crate::ml::cpu::View;
+        for [n, c, h, w, o, k] in [[6, 1, 28, 28, 32, 3], [5, 32, 14, 14, 64, 3], [3, 128, 7, 7, 128, 3], [2, 3, 9, 5, 7, 5]] {
+            let x: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5).collect();
+            let g: Vec<f32> = (0..n * o * h * w).map(|i| ((i * 104729) % 997) as f32 / 997.0 - 0.5).collect();
+            let ours = weight_grad_f32(&x, &g, n, c, h, w, o, k);
+            let reference = untransposed(&x, &g, [n, c, h, w, o, k]);
+            assert!(ours.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()), "{:?}", [n, c, h, w, o, k]);
+        }
     }
 
     /// The shifted-copy im2col equals the definition element by element, for kernels
