@@ -263,16 +263,24 @@ pub mod cpu {
         }
     }
 
-    /// Per channel, the sums of f(plane, channel, scratch) over its planes in order;
-    /// channels in parallel, each task with two planes of scratch.
+    /// Per channel, the sums of f(plane, channel, scratch) over its planes in order.
+    /// The planes run in parallel in memory order, whole images per task, each task with
+    /// two planes of scratch; then each channel's results are added over images in
+    /// order. (One task per channel striding over the images was slower on small
+    /// planes: 7 x 7 planes are 196 bytes, 25 KB apart.)
     fn per_channel(n: usize, c: usize, hw: usize, f: impl Fn(usize, usize, &mut (Vec<f32>, Vec<f32>)) -> (f64, f64) + Sync) -> Vec<(f64, f64)> {
-        (0..c)
-            .into_par_iter()
-            .map_init(
+        let mut planes = vec![(0.0, 0.0); n * c];
+        if c > 0 {
+            planes.par_chunks_mut(c).enumerate().for_each_init(
                 || (vec![0f32; hw], vec![0f32; hw]),
-                |scratch, ci| (0..n).map(|ni| f(ni * c + ci, ci, scratch)).fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1)),
-            )
-            .collect()
+                |scratch, (ni, image)| {
+                    for (ci, r) in image.iter_mut().enumerate() {
+                        *r = f(ni * c + ci, ci, scratch);
+                    }
+                },
+            );
+        }
+        (0..c).map(|ci| (0..n).map(|ni| planes[ni * c + ci]).fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))).collect()
     }
 
     /// The per-channel affine the forward applies: (scale, shift, 1 / std), in f32 as
