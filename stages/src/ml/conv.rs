@@ -491,12 +491,20 @@ fn im2col(img: &[f32], cols: &mut [MaybeUninit<f32>], c: usize, h: usize, w: usi
                 // At most p floats a side: stored one by one, as volatile stores, because
                 // LLVM turns a zeroing loop (or `fill`) into a call to memset, and these
                 // calls of 4 or 8 bytes were 3% of the CNN's training step.
+                // Through a raw pointer: with slices and iterators this loop was 6% of the
+                // CNN's training step (bounds checks and splits around every store).
                 if x0 > 0 || x1 < w {
+                    let base = row.as_mut_ptr().cast::<f32>();
                     for y in y0..y1 {
-                        let (left, rest) = row[y * w..(y + 1) * w].split_at_mut(x0);
-                        for v in left.iter_mut().chain(rest[x1 - x0..].iter_mut()) {
-                            // SAFETY: v is a valid, aligned place for an f32.
-                            unsafe { std::ptr::write_volatile(v.as_mut_ptr(), 0.0) };
+                        // SAFETY: y < h and x < w, so y * w + x < h * w = row.len(), and
+                        // MaybeUninit<f32> has f32's layout.
+                        unsafe {
+                            for x in 0..x0 {
+                                std::ptr::write_volatile(base.add(y * w + x), 0.0);
+                            }
+                            for x in x1..w {
+                                std::ptr::write_volatile(base.add(y * w + x), 0.0);
+                            }
                         }
                     }
                 }
