@@ -227,7 +227,8 @@ enum Kernel {
 }
 
 /// gemm's f32 lanes with AVX-512: it copies the left operand into packed panels when
-/// its row count is not a multiple of this (see [`image_conv`]).
+/// its row count is not a multiple of this (see [`image_conv`]). Elsewhere (8 lanes
+/// with AVX2) the choice it makes may be the slower one; it never changes the bits.
 const GEMM_LANES: usize = 16;
 
 /// [n, c, h, w, o, k] as in [`conv_same_f32`], `wt` [o, c, k, k].
