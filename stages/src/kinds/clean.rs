@@ -249,7 +249,8 @@ impl StageKind for Clean {
         // 4: training as `train` v5 (the loader); sets over image stores.
         // 5: training as `train` v6 (the CPU kernels).
         // 6: training as `train` v7 (vectorised GELU and softmax).
-        6
+        // 7: training as `train` v8 (Swin-V2's window attention).
+        7
     }
     fn summary(&self) -> &'static str {
         "drop training samples whose label out-of-fold models do not support (k-fold train + predict)"

@@ -31,7 +31,8 @@ impl StageKind for Predict {
         //    an error), streamed through the loader.
         // 5: the CPU kernels of `train` v6 (other rounding).
         // 6: the ViT's kernels of `train` v7 (vectorised GELU and softmax, token ops).
-        6
+        // 7: Swin-V2's window attention of `train` v8 (other rounding).
+        7
     }
     fn summary(&self) -> &'static str {
         "class probabilities and logits of a model over an image set (flip TTA, post-hoc logit adjustment)"

@@ -195,7 +195,8 @@ impl StageKind for Soup {
         // 2: greedy soup scores with the ViT's own LayerNorm/attention (other rounding).
         // 3: scores with the CPU kernels of `train` v6.
         // 4: scores with the vectorised GELU and softmax of `train` v7.
-        4
+        // 5: scores with Swin-V2's window attention of `train` v8.
+        5
     }
     fn summary(&self) -> &'static str {
         "model soup of one run's checkpoints: uniform mean of every weight and buffer, or greedy by validation accuracy"

@@ -310,7 +310,9 @@ impl StageKind for Train {
         //    ViT's token assembly and mean pooling as ops (`ml::tokens`), linear layers in
         //    tasks sized from the shape: the ViT's, Swin-V2's and the MAE's numbers change
         //    (CNN and EfficientNet models come out bit-identical).
-        7
+        // 8: Swin-V2's window attention as one op (`ml::cosine_attention`, its qkv
+        //    projection through `ml::linear`): other rounding for Swin-V2 only.
+        8
     }
     fn summary(&self) -> &'static str {
         "train a CNN, ViT or EfficientNet-Lite classifier (linear / logit-adjusted / sub-centre ArcFace head; CE / EQL / balanced softmax)"

@@ -156,7 +156,7 @@ pub mod cpu {
 
     /// In place: exp(x - max) / sum. The exps vectorise (`fastmath`); the sum stays in
     /// element order.
-    fn softmax_row(r: &mut [f32]) {
+    pub(crate) fn softmax_row(r: &mut [f32]) {
         let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         exp_shifted(r, max);
         let inv = 1.0 / r.iter().sum::<f32>();

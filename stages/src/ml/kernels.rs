@@ -1,7 +1,7 @@
 //! [`KernelBackend`]: the ops fgflow implements itself instead of composing burn's, and
 //! the backends that have them. Each op has a default made of burn's own ops (what the
-//! GPU backends run), CPU kernels for flex and ndarray (in `conv`, `norm`, `attention`,
-//! `activation`, `linear`, `pool`, `tokens`: parallel over images, channels, planes or fixed chunks of
+//! GPU backends run), CPU kernels for flex and ndarray (in `conv`, `norm`, `attention`, `cosine_attention`,
+//! `activation`, `linear`, `pool`, `rows`, `tokens`: parallel over images, channels, planes or fixed chunks of
 //! rows, each output computed by one task in a fixed order, so results do not depend on
 //! the thread count), and one autodiff op whose backward calls the backend's gradient
 //! methods. Every kernel is tested against the default (values and gradients) and for
@@ -20,7 +20,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 
-use super::{activation, attention, conv, linear, norm, pool, tokens};
+use super::{activation, attention, conv, cosine_attention, linear, norm, pool, rows, tokens};
 
 /// Registers each gradient for its parent (`ops.parents`' ids), where that parent is
 /// tracked: what every kernel's backward ends with.
@@ -165,6 +165,29 @@ pub trait KernelBackend: Backend {
         attention::reference::backward::<Self>(saved, shape, scale, grad)
     }
 
+    /// Swin-V2's window attention ([`cosine_attention::cosine_attention`]): qkv
+    /// [n * t, 3d], scale [heads], bias [W, heads, t, t] -> context [n * t, d].
+    fn cosine_attention(qkv: FloatTensor<Self>, scale: FloatTensor<Self>, bias: FloatTensor<Self>, shape: attention::Heads) -> FloatTensor<Self> {
+        let [context, _] = Self::cosine_attention_weights(qkv, scale, bias, shape);
+        context
+    }
+
+    /// `cosine_attention` with the weights its backward needs.
+    fn cosine_attention_weights(qkv: FloatTensor<Self>, scale: FloatTensor<Self>, bias: FloatTensor<Self>, shape: attention::Heads) -> [FloatTensor<Self>; 2] {
+        cosine_attention::reference::forward::<Self>(qkv, scale, bias, shape)
+    }
+
+    /// The gradients (qkv, scale, bias) of `cosine_attention` from what it saved; the
+    /// bias cycles through `windows` matrices.
+    fn cosine_attention_backward(saved: cosine_attention::Saved<Self>, shape: attention::Heads, windows: usize, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
+        cosine_attention::reference::backward::<Self>(saved, shape, windows, grad)
+    }
+
+    /// Each image's rows of x [images * p.len(), c] permuted ([`rows::permute_rows`]).
+    fn permute_rows(x: FloatTensor<Self>, p: &rows::RowPermutation) -> FloatTensor<Self> {
+        rows::reference::forward::<Self>(x, p)
+    }
+
     /// LayerNorm of every row of x [rows, dim] ([`norm::layer_norm`]): y.
     fn layer_norm_rows(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
         let [y, _, _] = Self::layer_norm_rows_stats(x, gamma, beta, epsilon);
@@ -263,6 +286,15 @@ macro_rules! cpu_kernel_backend {
             fn token_attention_backward(saved: attention::Saved<Self>, shape: attention::Heads, scale: f64, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
                 attention::cpu::backward::<Self>(saved, shape, scale, grad)
             }
+            fn permute_rows(x: FloatTensor<Self>, p: &rows::RowPermutation) -> FloatTensor<Self> {
+                rows::cpu::forward::<Self>(x, p)
+            }
+            fn cosine_attention_weights(qkv: FloatTensor<Self>, scale: FloatTensor<Self>, bias: FloatTensor<Self>, shape: attention::Heads) -> [FloatTensor<Self>; 2] {
+                cosine_attention::cpu::forward::<Self>(qkv, scale, bias, shape)
+            }
+            fn cosine_attention_backward(saved: cosine_attention::Saved<Self>, shape: attention::Heads, windows: usize, grad: FloatTensor<Self>) -> [FloatTensor<Self>; 3] {
+                cosine_attention::cpu::backward::<Self>(saved, shape, windows, grad)
+            }
         }
     };
 }
@@ -325,6 +357,25 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
                 prep.finish((q.primitive, k.primitive, v.primitive, weights), context)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::token_attention(q.primitive, k.primitive, v.primitive, shape, scale)),
+        }
+    }
+
+    fn cosine_attention(qkv: FloatTensor<Self>, scale: FloatTensor<Self>, bias: FloatTensor<Self>, shape: attention::Heads) -> FloatTensor<Self> {
+        let windows = burn::tensor::TensorMetadata::shape(&bias.primitive).dims::<4>()[0];
+        match (cosine_attention::CosineAttentionBackward { shape, windows }).prepare::<C>([qkv.node, scale.node, bias.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let [context, weights] = B::cosine_attention_weights(qkv.primitive.clone(), scale.primitive.clone(), bias.primitive, shape);
+                prep.finish((qkv.primitive, scale.primitive, weights), context)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::cosine_attention(qkv.primitive, scale.primitive, bias.primitive, shape)),
+        }
+    }
+
+    fn permute_rows(x: FloatTensor<Self>, p: &rows::RowPermutation) -> FloatTensor<Self> {
+        let out = B::permute_rows(x.primitive, p);
+        match (rows::PermuteRowsBackward { p: p.clone() }).prepare::<C>([x.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
 

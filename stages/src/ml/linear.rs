@@ -34,7 +34,13 @@ pub fn linear<B: KernelBackend>(x: Tensor<B, 2>, weight: &Param<Tensor<B, 2>>, b
     let [a, b] = weight.dims();
     let (w_in, w_out) = if layout == Layout::InOut { (a, b) } else { (b, a) };
     assert!(inputs == w_in && bias.is_none_or(|b| b.dims() == [w_out]), "linear: the weight does not fit the input");
-    let y = B::dense(x.into_primitive().tensor(), weight.val().into_primitive().tensor(), bias.map(|b| b.val().into_primitive().tensor()), layout);
+    dense(x, weight.val(), bias.map(|b| b.val()), layout)
+}
+
+/// `linear` with a weight and bias computed from parameters (Swin-V2's qkv bias is q's
+/// and v's parameters around k's zeros), shapes checked by the caller.
+pub fn dense<B: KernelBackend>(x: Tensor<B, 2>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>, layout: Layout) -> Tensor<B, 2> {
+    let y = B::dense(x.into_primitive().tensor(), weight.into_primitive().tensor(), bias.map(|b| b.into_primitive().tensor()), layout);
     Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 

@@ -15,6 +15,9 @@
 //! norm and the mean over positions. A stage whose feature map is not larger than the
 //! window uses one window of the map's size and no shift (timm's `_calc_window_shift`).
 //!
+//! The attention runs as one op (`cosine_attention`), the roll and the window partition
+//! as one row permutation each way (`rows`); both give timm's values (parity tests).
+//!
 //! The relative position tables and the masks are computed from the configuration,
 //! never loaded: a checkpoint fine-tunes at another resolution or window by building
 //! the network with the new sizes (and `pretrained_window` set to the checkpoint's
@@ -32,7 +35,7 @@
 use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::Initializer;
-use burn::tensor::activation::{relu, sigmoid, softmax};
+use burn::tensor::activation::{relu, sigmoid};
 
 use super::activation::gelu;
 use burn::tensor::backend::Backend;
@@ -40,7 +43,10 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::kernels::KernelBackend;
-use super::linear::{Layout, linear};
+use super::attention::Heads;
+use super::cosine_attention::cosine_attention;
+use super::linear::{Layout, dense, linear};
+use super::rows::{RowPermutation, permute_rows};
 use super::norm::LayerNorm;
 use super::pretrained::{FileTensor, FileTensors};
 
@@ -347,6 +353,9 @@ pub struct Geometry {
     index: Vec<i64>,
     /// [windows, w^2, w^2] of 0 / -100, when shifted.
     mask: Option<Vec<f32>>,
+    /// An image's rows [side * side] in window order: shifted by `shift` (the roll),
+    /// then window by window, each window's tokens in row-major order.
+    to_windows: RowPermutation,
 }
 
 impl Geometry {
@@ -390,7 +399,18 @@ impl Geometry {
             }
             out
         });
-        Geometry { side, window, shift, coords, index, mask }
+        // torch.roll by -shift: the shifted map's (y, x) is the map's (y + shift, x + shift).
+        let per = side / window;
+        let mut to = Vec::with_capacity(side * side);
+        for gy in 0..per {
+            for gx in 0..per {
+                for k in 0..window * window {
+                    let (y, x) = (gy * window + k / window, gx * window + k % window);
+                    to.push(((y + shift) % side) * side + (x + shift) % side);
+                }
+            }
+        }
+        Geometry { side, window, shift, coords, index, mask, to_windows: RowPermutation::new(to) }
     }
 }
 
@@ -439,27 +459,13 @@ impl<B: KernelBackend> WindowAttention<B> {
     fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let [rows, d] = x.dims();
         let n = self.geometry.window * self.geometry.window;
-        let bn = rows / n;
-        let (h, dh) = (self.heads, d / self.heads);
-        let device = x.device();
-        let zeros = Tensor::<B, 1>::zeros([d], &device);
+        let h = self.heads;
+        let zeros = Tensor::<B, 1>::zeros([d], &x.device());
         let qkv_bias = Tensor::cat(vec![self.q_bias.val(), zeros, self.v_bias.val()], 0);
-        let qkv = x.matmul(self.qkv.weight.val().transpose()) + qkv_bias.unsqueeze_dim(0);
-        let split = |i: usize| qkv.clone().narrow(1, i * d, d).reshape([bn, n, h, dh]).swap_dims(1, 2); // [bn, h, n, dh]
-        let unit = |t: Tensor<B, 4>| {
-            let norm = t.clone().square().sum_dim(3).sqrt().clamp_min(1e-12);
-            t / norm
-        };
-        let (q, k, v) = (unit(split(0)), unit(split(1)), split(2));
-        let scale = self.logit_scale.val().clamp_max(100f32.ln()).exp().reshape([1, h, 1, 1]);
-        let attn = q.matmul(k.swap_dims(2, 3)) * scale; // [bn, h, n, n]
-        let bias = self.bias(&device);
-        // Without a shift the bias is the same for every window; with one, each window
-        // of every image has its own mask.
-        let windows = bias.dims()[0];
-        let attn = attn.reshape([bn / windows, windows * h, n, n]) + bias.reshape([1, windows * h, n, n]);
-        let attn = softmax(attn.reshape([bn, h, n, n]), 3);
-        let out = attn.matmul(v).swap_dims(1, 2).reshape([rows, d]);
+        let qkv = dense(x, self.qkv.weight.val(), Some(qkv_bias), Layout::OutIn);
+        let scale = self.logit_scale.val().clamp_max(100f32.ln()).exp().reshape([h]);
+        let bias = self.bias(&qkv.device());
+        let out = cosine_attention(qkv, scale, bias, Heads { n: rows / n, t: n, heads: h });
         self.proj.forward(out)
     }
 }
@@ -484,25 +490,17 @@ pub struct SwinBlock<B: Backend> {
     pub norm2: LayerNorm<B>,
 }
 
-/// Roll a [N, H, W, C] map by `-s` along H and W (torch.roll with shifts (-s, -s)).
-fn roll<B: Backend>(x: Tensor<B, 4>, s: usize) -> Tensor<B, 4> {
-    let [_, h, w, _] = x.dims();
-    let x = Tensor::cat(vec![x.clone().narrow(1, s, h - s), x.narrow(1, 0, s)], 1);
-    Tensor::cat(vec![x.clone().narrow(2, s, w - s), x.narrow(2, 0, s)], 2)
-}
-
 impl<B: KernelBackend> SwinBlock<B> {
     /// x [N, H, W, C] -> the same shape.
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [n, h, w, c] = x.dims();
-        let (win, shift) = (self.attn.geometry.window, self.attn.geometry.shift);
-        let shifted = if shift > 0 { roll(x.clone(), shift) } else { x.clone() };
-        let (gh, gw) = (h / win, w / win);
-        let windows = shifted.reshape([n, gh, win, gw, win, c]).permute([0, 1, 3, 2, 4, 5]).reshape([n * gh * gw * win * win, c]);
-        let a = self.attn.forward(windows);
-        let a = a.reshape([n, gh, gw, win, win, c]).permute([0, 1, 3, 2, 4, 5]).reshape([n, h, w, c]);
-        let a = if shift > 0 { roll(a, h - shift) } else { a };
-        let x = x.reshape([n * h * w, c]) + self.norm1.forward(a.reshape([n * h * w, c]));
+        let side = self.attn.geometry.side;
+        assert!(h == side && w == side, "a Swin-V2 block built for a {side}x{side} map was given {h}x{w}");
+        let x = x.reshape([n * h * w, c]);
+        let to_windows = &self.attn.geometry.to_windows;
+        let a = self.attn.forward(permute_rows(x.clone(), to_windows));
+        let a = permute_rows(a, &to_windows.inverse());
+        let x = x + self.norm1.forward(a);
         let x = x.clone() + self.norm2.forward(self.mlp.forward(x));
         x.reshape([n, h, w, c])
     }
