@@ -165,6 +165,17 @@ pub mod cpu {
         }
     }
 
+    /// In place, row by row of `t`: the softmax's input gradient from its output
+    /// gradient `dp` and its output `p`, times `scale`: p * (dp - rowsum(dp * p)) * scale.
+    pub(crate) fn softmax_backward(dp: &mut [f32], p: &[f32], t: usize, scale: f32) {
+        for (dr, pr) in dp.chunks_mut(t).zip(p.chunks(t)) {
+            let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+            for (x, p) in dr.iter_mut().zip(pr) {
+                *x = p * (*x - dot) * scale;
+            }
+        }
+    }
+
     pub fn backward<B: CpuTensors>(saved: Saved<B>, s: Heads, scale: f64, grad: FloatTensor<B>) -> [FloatTensor<B>; 3] {
         let (q, k, v, p) = saved;
         let [rows, d] = dims::<B>(&q);
@@ -196,12 +207,7 @@ pub mod cpu {
                                                 mm(dvi, out, pij, square_t, gs, row, t, dh, t, 1.0, false);
                                                 mm(ds, square, gs, row, vs, row_t, t, t, dh, 1.0, false);
                                                 // dS = P * (dP - rowsum(dP * P)) * scale.
-                                                for (dr, pr) in ds.chunks_mut(t).zip(pij.chunks(t)) {
-                                                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                                                    for (x, p) in dr.iter_mut().zip(pr) {
-                                                        *x = p * (*x - dot) * scale as f32;
-                                                    }
-                                                }
+                                                softmax_backward(ds, pij, t, scale as f32);
                                                 // dQ = dS K; dK = dS^T Q.
                                                 mm(dqi, out, ds, square, ks, row, t, dh, t, 1.0, false);
                                                 mm(dki, out, ds, square_t, qs, row, t, dh, t, 1.0, false);

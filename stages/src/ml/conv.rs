@@ -199,11 +199,7 @@ fn transpose_kernel(w: &[f32], o: usize, c: usize, k: usize) -> Vec<f32> {
 
 /// A kernel [o, c, k, k] as the matrix [c * k * k, o].
 fn columns_major(wt: &[f32], o: usize) -> Vec<f32> {
-    let mut t = Vec::with_capacity(wt.len());
-    transpose(wt, &mut t.spare_capacity_mut()[..wt.len()], o, wt.len() / o.max(1));
-    // SAFETY: the capacity is at least wt.len(), and transpose wrote all of it.
-    unsafe { t.set_len(wt.len()) };
-    t
+    transposed(wt, o, wt.len() / o.max(1))
 }
 
 /// y [n, o, h, w] = x [n, c, h, w] (*) w [o, c, k, k], padding (k-1)/2, stride 1.
@@ -369,11 +365,16 @@ pub fn weight_grad_f32(x: &[f32], g: &[f32], n: usize, c: usize, h: usize, w: us
             *t += v;
         }
     }
-    let mut dw: Vec<f32> = Vec::with_capacity(o * ckk);
-    transpose(&total, &mut dw.spare_capacity_mut()[..o * ckk], ckk, o);
-    // SAFETY: the capacity is at least o * ckk, and transpose wrote all of it.
-    unsafe { dw.set_len(o * ckk) };
-    dw
+    transposed(&total, ckk, o)
+}
+
+/// src [rows, cols]^T as a new [cols, rows] vector.
+fn transposed(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = Vec::with_capacity(src.len());
+    transpose(src, &mut t.spare_capacity_mut()[..src.len()], rows, cols);
+    // SAFETY: the capacity is at least src.len(), and transpose wrote all of it.
+    unsafe { t.set_len(src.len()) };
+    t
 }
 
 /// dst [cols, rows] = src [rows, cols]^T, every element of dst written: 8 x 8 tiles

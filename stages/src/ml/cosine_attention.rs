@@ -147,7 +147,7 @@ pub mod reference {
 /// The op on the CPU backends: one task per window, every head in order.
 pub mod cpu {
     use super::*;
-    use crate::ml::attention::cpu::softmax_row;
+    use crate::ml::attention::cpu::{softmax_backward, softmax_row};
     use crate::ml::cpu::{CpuTensors, View, mm, zeros};
     use burn::tensor::TensorMetadata;
     use rayon::prelude::*;
@@ -291,12 +291,7 @@ pub mod cpu {
                                             let ds = &mut dsi[j * t * t..][..t * t];
                                             let v_t = View { offset: base + 2 * d + j * dh, rs: 1, cs: 3 * d };
                                             mm(ds, square, gs, dc, x, v_t, t, t, dh, 1.0, false);
-                                            for (dr, pr) in ds.chunks_mut(t).zip(pij.chunks(t)) {
-                                                let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                                                for (g, p) in dr.iter_mut().zip(pr) {
-                                                    *g = p * (*g - dot);
-                                                }
-                                            }
+                                            softmax_backward(ds, pij, t, 1.0);
                                             // This window's part of dscale_j: dS . (unit(q) unit(k)^T).
                                             mm(&mut scratch.square, square, &scratch.q, rows, &scratch.k, View { offset: 0, rs: 1, cs: dh }, t, t, dh, 1.0, false);
                                             dsc[j] = ds.iter().zip(&scratch.square).map(|(a, b)| a * b).sum();
